@@ -1,0 +1,426 @@
+"""Streaming bundle writer and checked reader: a checkpoint prefix's ``.index`` plus ``.data`` shards.
+
+Writer: each tensor is declared (name, dtype, shape), then its bytes appended in any number of chunks
+from any buffer; the CRC32C is extended per chunk, so no tensor is ever joined into one ``bytes``.
+Data files are written under temporary names and renamed at :meth:`BundleWriter.finish`, data first
+and the index last, so a failed save leaves nothing under the final names.
+
+Reader: looks entries up in the index, checks every size and offset against the files before reading
+or allocating, verifies each tensor's CRC32C, and assembles partitioned (sliced) variables.
+"""
+import math
+import os
+import threading
+
+import numpy as np
+
+from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError
+from gpusaver.format import naming, strings
+from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
+from gpusaver.format.proto import Entry, Header
+from gpusaver.format.table import TableBuilder, TableFormatError, read_table
+from gpusaver.format.wire import crc32c, mask
+
+_WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large writes
+_MAX_SHARDS = 1 << 16
+
+
+def byte_view(buf) -> memoryview:
+    """A flat, C-contiguous byte view of any buffer (numpy arrays of any dtype included), no copy."""
+    if isinstance(buf, np.ndarray):
+        if not buf.flags.c_contiguous:
+            raise ValueError("buffer must be C-contiguous")
+        return memoryview(buf.reshape(-1).view(np.uint8))
+    view = memoryview(buf)
+    if not view.c_contiguous:
+        raise ValueError("buffer must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def num_elements(shape) -> int:
+    return math.prod(shape)
+
+
+def _numeric_nbytes(name: str, dtype: int, shape) -> int:
+    np_dtype = enum_to_dtype(dtype)
+    return num_elements(shape) * np_dtype.itemsize
+
+
+class ShardWriter:
+    """Appends tensors to one data file. One thread at a time; several shards may run in parallel."""
+
+    def __init__(self, bundle: "BundleWriter", shard_id: int):
+        self._bundle = bundle
+        self.shard_id = shard_id
+        self.final_path = naming.data_path(bundle.prefix, shard_id, bundle.num_shards)
+        self.temp_path = naming.temp_path(self.final_path)
+        self._file = open(self.temp_path, "wb", buffering=_WRITE_BUFFER)
+        self.offset = 0
+        self._open = None  # (name, dtype, shape, start offset, expected bytes, running crc)
+
+    def begin(self, name: str, dtype, shape):
+        """Declare a numeric tensor; its ``prod(shape) * itemsize`` bytes follow through :meth:`write`.
+
+        ``dtype`` is a DataType or numpy dtype. Raises MismatchError if ``name`` was already added.
+        """
+        if self._open is not None:
+            raise RuntimeError(f"tensor {self._open[0]!r} is still open on shard {self.shard_id}")
+        dtype = dtype if isinstance(dtype, DataType) else dtype_to_enum(dtype)
+        if dtype == DataType.STRING:
+            raise ValueError(f"tensor {name!r}: string tensors go through add_strings()")
+        shape = tuple(int(d) for d in shape)
+        self._bundle._reserve(name)
+        self._open = [name, dtype, shape, self.offset, _numeric_nbytes(name, dtype, shape), 0]
+
+    def write(self, buf):
+        """Append the next chunk of the open tensor (any C-contiguous buffer; nothing is joined)."""
+        view = byte_view(buf)
+        state = self._open
+        if self.offset + len(view) - state[3] > state[4]:
+            raise MismatchError(f"tensor {state[0]!r}: more than the {state[4]} bytes its shape holds")
+        state[5] = crc32c(view, state[5])
+        self._file.write(view)
+        self.offset += len(view)
+
+    def end(self):
+        """Close the open tensor and record its index entry. Raises MismatchError if bytes are missing."""
+        name, dtype, shape, start, expected, crc = self._open
+        self._open = None
+        if self.offset - start != expected:
+            raise MismatchError(f"tensor {name!r}: got {self.offset - start} bytes, shape {shape} "
+                                f"of {DataType(dtype).name} needs {expected}")
+        self._bundle._record(name, Entry(int(dtype), shape, self.shard_id, start, expected, mask(crc)))
+
+    def add_array(self, name: str, array):
+        """Add a whole host array (numeric, or str/bytes/object for DT_STRING) in one call."""
+        array = np.asarray(array)
+        if array.dtype.kind in "OSU":
+            self.add_strings(name, array.shape, strings.as_bytes_list(array))
+            return
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        self.begin(name, array.dtype, array.shape)
+        self.write(np.ascontiguousarray(array))
+        self.end()
+
+    def add_strings(self, name: str, shape, items: list[bytes]):
+        """Add a DT_STRING tensor from its row-major elements."""
+        shape = tuple(int(d) for d in shape)
+        if len(items) != num_elements(shape):
+            raise MismatchError(f"tensor {name!r}: {len(items)} strings for shape {shape}")
+        self._bundle._reserve(name)
+        data, crc = strings.encode(items)
+        self._file.write(data)
+        self._bundle._record(name, Entry(int(DataType.STRING), shape, self.shard_id, self.offset,
+                                         len(data), crc))
+        self.offset += len(data)
+
+    def _close(self, fsync: bool):
+        if self._open is not None:
+            raise RuntimeError(f"tensor {self._open[0]!r} was begun but never ended")
+        self._file.flush()
+        if fsync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+
+
+class BundleWriter:
+    """Writes one checkpoint: ``prefix.index`` and ``prefix.data-0000i-of-0000n``.
+
+    Use as a context manager, or call :meth:`finish` (success) or :meth:`abort` (failure). Tensors
+    go through :meth:`shard` (one :class:`ShardWriter` per thread); with one shard the writer's own
+    ``begin/write/end/add_array/add_strings`` forward to shard 0. ``fsync=True`` syncs files and the
+    directory before each rename (durable across power loss, slower); TF does not.
+    """
+
+    def __init__(self, prefix: str, num_shards: int = 1, fsync: bool = False):
+        if not 1 <= num_shards <= _MAX_SHARDS:
+            raise ValueError(f"num_shards must be in [1, {_MAX_SHARDS}], got {num_shards}")
+        self.prefix = os.fspath(prefix)
+        self.num_shards = num_shards
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+        self._entries: dict[str, Entry] = {}
+        directory = os.path.dirname(self.prefix)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self._shards = []
+        try:
+            for i in range(num_shards):
+                self._shards.append(ShardWriter(self, i))
+        except BaseException:
+            self.abort()
+            raise
+
+    def shard(self, i: int) -> ShardWriter:
+        return self._shards[i]
+
+    def __getattr__(self, attr):
+        if attr in ("begin", "write", "end", "add_array", "add_strings"):
+            return getattr(self._shards[0], attr)
+        raise AttributeError(attr)
+
+    def _reserve(self, name: str):
+        with self._lock:
+            if name in self._names:
+                raise MismatchError(f"tensor name {name!r} added twice to checkpoint {self.prefix!r}")
+            self._names.add(name)
+
+    def _record(self, name: str, entry: Entry):
+        with self._lock:
+            self._entries[name] = entry
+
+    def finish(self):
+        """Close the data files, rename them, then write and rename the index (the last file to appear)."""
+        try:
+            for s in self._shards:
+                s._close(self._fsync)
+            table = TableBuilder()
+            table.add(b"", Header(num_shards=self.num_shards).encode())
+            for key, name in sorted((n.encode("utf-8"), n) for n in self._entries):
+                table.add(key, self._entries[name].encode())
+            index = naming.index_path(self.prefix)
+            # Overwriting a prefix: drop its old index first, so no index ever names new data and
+            # old metadata (or the reverse) if we stop half way.
+            if os.path.exists(index):
+                os.remove(index)
+            for s in self._shards:
+                os.replace(s.temp_path, s.final_path)
+            tmp = naming.temp_path(index)
+            with open(tmp, "wb") as f:
+                f.write(table.finish())
+                if self._fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, index)
+            if self._fsync:
+                _fsync_dir(os.path.dirname(index) or ".")
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self):
+        """Remove the temporary files; nothing under the final names is touched."""
+        for s in self._shards:
+            try:
+                s._file.close()
+            except Exception:
+                pass
+            try:
+                os.remove(s.temp_path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+def _fsync_dir(directory: str):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BundleReader:
+    """Reads a checkpoint written by TF or gpusaver. Raises CheckpointNotFoundError if the index is
+    missing and CorruptCheckpointError if it is not a valid bundle index."""
+
+    def __init__(self, prefix: str):
+        self.prefix = os.fspath(prefix)
+        self.index_path = naming.index_path(self.prefix)
+        try:
+            with open(self.index_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"checkpoint index {self.index_path!r} not found (prefix {self.prefix!r})") from None
+        try:
+            self._raw = read_table(data)
+            header = Header.decode(self._raw[b""])
+        except (TableFormatError, ValueError) as e:
+            raise CorruptCheckpointError(f"{self.index_path}: corrupt checkpoint index: {e}") from None
+        except KeyError:
+            raise CorruptCheckpointError(f"{self.index_path}: index has no bundle header") from None
+        if header.endianness != 0:
+            raise UnsupportedError(f"{self.index_path}: big-endian checkpoints are not supported")
+        if not 1 <= header.num_shards <= _MAX_SHARDS:
+            raise CorruptCheckpointError(f"{self.index_path}: header claims {header.num_shards} shards")
+        self.num_shards = header.num_shards
+        self._fds: dict[int, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Tensor names, sorted as in the index (slice keys of partitioned variables excluded)."""
+        return [k.decode("utf-8", "replace") for k in self._raw if k and not k.startswith(b"\0")]
+
+    def __contains__(self, name: str) -> bool:
+        return name.encode("utf-8") in self._raw
+
+    def entry(self, name: str) -> Entry:
+        """The index entry of ``name``. Raises KeyError if absent, CorruptCheckpointError if garbled."""
+        return self._entry(name.encode("utf-8"), name)
+
+    def _entry(self, key: bytes, name: str) -> Entry:
+        try:
+            raw = self._raw[key]
+        except KeyError:
+            raise KeyError(name) from None
+        try:
+            entry = Entry.decode(raw)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{self.index_path}: entry of tensor {name!r} is corrupt: {e}") from None
+        if not 0 <= entry.shard_id < self.num_shards:
+            raise CorruptCheckpointError(f"{self.index_path}: tensor {name!r} is in shard {entry.shard_id}, "
+                                         f"but the checkpoint has {self.num_shards}")
+        if entry.slices:
+            return entry
+        try:
+            dtype = enum_to_dtype(entry.dtype)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"tensor {name!r} in {self.index_path}: {e}") from None
+        if dtype.kind == "O":
+            ok = entry.size >= num_elements(entry.shape) + 4  # each length takes >= 1 varint byte
+        else:
+            ok = entry.size == num_elements(entry.shape) * dtype.itemsize
+        if not ok:
+            raise CorruptCheckpointError(f"{self.index_path}: tensor {name!r} has {entry.size} bytes, "
+                                         f"which cannot hold shape {entry.shape} of {dtype}")
+        return entry
+
+    def dtype(self, name: str) -> np.dtype:
+        return enum_to_dtype(self.entry(name).dtype)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _data_fd(self, shard: int) -> tuple[int, int]:
+        with self._lock:
+            if shard not in self._fds:
+                path = naming.data_path(self.prefix, shard, self.num_shards)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CheckpointNotFoundError(f"checkpoint data file {path!r} not found") from None
+                self._fds[shard] = (fd, os.fstat(fd).st_size)
+            return self._fds[shard]
+
+    def data_file(self, entry: Entry) -> str:
+        return naming.data_path(self.prefix, entry.shard_id, self.num_shards)
+
+    def _check_extent(self, name: str, entry: Entry) -> int:
+        fd, size = self._data_fd(entry.shard_id)
+        if entry.offset + entry.size > size:
+            raise CorruptCheckpointError(
+                f"{self.data_file(entry)}: tensor {name!r} needs bytes [{entry.offset}, "
+                f"{entry.offset + entry.size}) but the file has {size} (truncated?)")
+        return fd
+
+    def pread_into(self, entry: Entry, name: str, view: memoryview, offset: int):
+        """Fill ``view`` from the tensor's bytes starting ``offset`` bytes into it (GIL released)."""
+        fd = self._check_extent(name, entry)
+        pos, n = 0, len(view)
+        while pos < n:
+            got = os.preadv(fd, [view[pos:]], entry.offset + offset + pos)
+            if got <= 0:
+                raise CorruptCheckpointError(f"{self.data_file(entry)}: unexpected end of file in {name!r}")
+            pos += got
+
+    def crc_error(self, name: str, entry: Entry, found: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.data_file(entry)}: CRC32C mismatch in tensor {name!r} "
+            f"(index says {entry.crc32c:#010x}, data gives {found:#010x})")
+
+    def read_into(self, name: str, out, chunk_size: int = 64 << 20):
+        """Fill ``out`` (a writable C-contiguous buffer of exactly the tensor's byte size) with the
+        tensor, verifying its CRC32C. Raises MismatchError on a size mismatch and
+        CorruptCheckpointError on a bad checksum."""
+        self._read_into(name, self.entry(name), byte_view(out), chunk_size)
+
+    def _read_into(self, name: str, entry: Entry, view: memoryview, chunk_size: int = 64 << 20):
+        if entry.slices or entry.dtype == DataType.STRING:
+            value = np.ascontiguousarray(self._read(name, entry))
+            if value.dtype.kind == "O":
+                raise MismatchError(f"tensor {name!r} holds strings; use read()")
+            if len(view) != value.nbytes:
+                raise MismatchError(f"tensor {name!r}: buffer holds {len(view)} bytes, checkpoint has {value.nbytes}")
+            view[:] = byte_view(value)
+            return
+        if len(view) != entry.size:
+            raise MismatchError(f"tensor {name!r}: buffer holds {len(view)} bytes, checkpoint has {entry.size}")
+        crc = 0
+        for start in range(0, entry.size, chunk_size):
+            chunk = view[start:start + chunk_size]
+            self.pread_into(entry, name, chunk, start)
+            crc = crc32c(chunk, crc)
+        if mask(crc) != entry.crc32c:
+            raise self.crc_error(name, entry, mask(crc))
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as a new numpy array (bytes objects for DT_STRING), CRC-checked; partitioned
+        tensors are assembled from their slices."""
+        return self._read(name, self.entry(name))
+
+    def _read(self, name: str, entry: Entry) -> np.ndarray:
+        if entry.slices:
+            return self._read_sliced(name, entry)
+        dtype = enum_to_dtype(entry.dtype)
+        self._check_extent(name, entry)  # before allocating anything sized from the index
+        if dtype.kind != "O":
+            out = np.empty(entry.shape, dtype=dtype)
+            self._read_into(name, entry, byte_view(out))
+            return out
+        raw = bytearray(entry.size)
+        self.pread_into(entry, name, memoryview(raw), 0)
+        try:
+            values, crc = strings.decode(raw, num_elements(entry.shape), name)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{self.data_file(entry)}: {e}") from None
+        if crc != entry.crc32c:
+            raise self.crc_error(name, entry, crc)
+        return values.reshape(entry.shape)
+
+    def _read_sliced(self, name: str, entry: Entry) -> np.ndarray:
+        full = np.empty(entry.shape, dtype=enum_to_dtype(entry.dtype))
+        for extents in entry.slices:
+            if len(extents) != len(entry.shape):
+                raise CorruptCheckpointError(f"{self.index_path}: slice of {name!r} has rank "
+                                             f"{len(extents)}, tensor has {len(entry.shape)}")
+            index = tuple(slice(e.start, None if e.length is None else e.start + e.length) for e in extents)
+            label = name + "[" + ",".join(f"{s.start}:{'' if s.stop is None else s.stop}" for s in index) + "]"
+            try:
+                part = self._entry(naming.slice_key(name, extents), label)
+            except KeyError:
+                raise CorruptCheckpointError(f"{self.index_path}: slice {label} of partitioned tensor "
+                                             f"{name!r} is missing") from None
+            target = full[index]
+            if part.shape != target.shape or part.dtype != entry.dtype:
+                raise CorruptCheckpointError(f"{self.index_path}: slice {label} has shape {part.shape}, "
+                                             f"expected {target.shape}")
+            full[index] = self._read(label, part)
+        return full
+
+    def close(self):
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
