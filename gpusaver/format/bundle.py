@@ -19,7 +19,7 @@ from gpusaver.format import naming, strings
 from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
 from gpusaver.format.table import TableBuilder, TableFormatError, read_table
-from gpusaver.format.wire import crc32c, mask
+from gpusaver.format.wire import crc32c, crc32c_combine, mask
 
 _WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large writes
 _MAX_SHARDS = 1 << 16
@@ -72,13 +72,17 @@ class ShardWriter:
         self._bundle._reserve(name)
         self._open = [name, dtype, shape, self.offset, _numeric_nbytes(name, dtype, shape), 0]
 
-    def write(self, buf):
-        """Append the next chunk of the open tensor (any C-contiguous buffer; nothing is joined)."""
+    def write(self, buf, crc: int | None = None):
+        """Append the next chunk of the open tensor (any C-contiguous buffer; nothing is joined).
+
+        ``crc``: the chunk's own CRC32C if the caller computed it already (e.g. on another thread
+        or on the GPU); it is combined into the tensor's CRC instead of re-reading the bytes.
+        """
         view = byte_view(buf)
         state = self._open
         if self.offset + len(view) - state[3] > state[4]:
             raise MismatchError(f"tensor {state[0]!r}: more than the {state[4]} bytes its shape holds")
-        state[5] = crc32c(view, state[5])
+        state[5] = crc32c(view, state[5]) if crc is None else crc32c_combine(state[5], crc, len(view))
         self._file.write(view)
         self.offset += len(view)
 

@@ -61,3 +61,48 @@ def fixed32(value: int) -> bytes:
 
 def read_fixed32(buf, pos: int) -> int:
     return struct.unpack_from("<I", buf, pos)[0]
+
+
+# --- CRC32C combination: crc(a ‖ b) from crc(a), crc(b) and len(b) -------------------------------
+# Polynomial arithmetic modulo the (reflected) Castagnoli polynomial, as in zlib's crc32_combine:
+# crc(a ‖ b) = crc(a) · x^(8·len(b)) mod P  xor  crc(b). This lets chunks (and GPU segments) be
+# checksummed independently, in parallel, and the tensor's CRC be assembled afterwards.
+_POLY = 0x82F63B78
+
+
+def _multmodp(a: int, b: int) -> int:
+    m, p = 1 << 31, 0
+    while True:
+        if a & m:
+            p ^= b
+            if not a & (m - 1):
+                return p
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+
+
+def _x2n_table() -> list[int]:
+    table, p = [], 1 << 30  # x^1
+    for _ in range(32):
+        table.append(p)
+        p = _multmodp(p, p)
+    return table
+
+
+_X2N = _x2n_table()
+
+
+def _x8n(n: int) -> int:
+    """x^(8n) mod P."""
+    p, k = 1 << 31, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """CRC-32C of ``a ‖ b`` given ``crc1 = crc32c(a)``, ``crc2 = crc32c(b)`` and ``len2 = len(b)`` bytes."""
+    return _multmodp(_x8n(len2), crc1) ^ crc2

@@ -1,0 +1,117 @@
+"""Framework-neutral save and load of arrays: the engine every adapter (TF, Keras) sits on.
+
+Works with anything exposing ``__cuda_array_interface__``, ``__dlpack__`` or the buffer protocol
+(numpy, CuPy, torch, TF tensors) and imports neither TensorFlow nor CuPy until a CUDA array is seen.
+"""
+import concurrent.futures
+import functools
+from typing import Any, Iterable, Mapping
+
+from gpusaver.errors import MismatchError, MissingKeysError, UnsupportedError
+from gpusaver.format.bundle import BundleReader
+from gpusaver.format.dtypes import dtype_to_enum
+from gpusaver.options import Options
+from gpusaver.staging import devices, pipeline
+from gpusaver.staging.devices import Device
+from gpusaver.staging.host import HostEngine, as_host_array
+from gpusaver.staging.io_types import SaveItem
+from gpusaver.staging.pool import BufferPool
+
+
+class Stager:
+    """The copy engines and staging buffers of one Saver (or of the module-level functions).
+
+    The host pool is used in copy mode only; the CUDA engine (and its pinned pool, allocated once
+    and reused because page-locking is slow) is created on the first CUDA array.
+    """
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.host = HostEngine(BufferPool(options.buffer_budget, options.effective_chunk),
+                               copy=options.snapshot == "copy")
+        self._cuda = None
+
+    def cuda(self):
+        if self._cuda is None:
+            from gpusaver.staging.cuda import CudaEngine  # imports CuPy; only when a GPU array appears
+            self._cuda = CudaEngine(self.options)
+        return self._cuda
+
+    def engine_for(self, item: SaveItem):
+        return self.cuda() if item.device.is_cuda else self.host
+
+    def item(self, name: str, array) -> SaveItem:
+        """Describe one array to save. Raises ValueError / UnsupportedError naming the tensor."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        device = devices.of_array(array)
+        if device.is_cuda:
+            array = self.cuda().prepare(array)
+        else:
+            array = as_host_array(array)
+        try:
+            dtype_to_enum(array.dtype)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"tensor {name!r}: {e}") from None
+        return SaveItem(name, array, device, array.dtype, tuple(int(d) for d in array.shape))
+
+    def upload(self, host, device: Device, name: str = ""):
+        if device.is_cuda:
+            if host.dtype.kind == "O":
+                raise MismatchError(f"tensor {name!r} holds strings, which cannot live on {device}")
+            return self.cuda().upload(host, device)
+        return host
+
+
+@functools.lru_cache(maxsize=4)
+def _default_stager(options: Options) -> Stager:
+    return Stager(options)
+
+
+def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = None, *,
+               stager: Stager | None = None, on_done=None) -> concurrent.futures.Future:
+    """Start writing ``arrays`` (name → array) as a TF checkpoint at ``file_prefix``.
+
+    Returns a future once a consistent snapshot is held (see :class:`Options` ``snapshot``);
+    ``result()`` gives ``on_done(file_prefix)`` if given, else the prefix, and re-raises any error
+    from the background. Raises ValueError / UnsupportedError at once for a bad name or dtype.
+    """
+    options = options or Options()
+    stager = stager or _default_stager(options)
+    items = [stager.item(name, array) for name, array in arrays.items()]
+    job = pipeline.SaveJob(str(file_prefix), items, options, stager.engine_for, on_done).start()
+    job.snapshot_held.wait()
+    return job.future
+
+
+def save(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = None) -> str:
+    """Write ``arrays`` as a TF checkpoint at ``file_prefix`` and return the prefix."""
+    return save_async(file_prefix, arrays, options).result()
+
+
+def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], stager: Stager):
+    """Yield ``(name, array)`` for (name, device) requests in order; see :func:`pipeline.load_iter`."""
+    return pipeline.load_iter(reader, requests, stager.options, stager.upload)
+
+
+def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",
+         options: Options | None = None) -> dict[str, Any]:
+    """Read tensors of a TF checkpoint (all, or ``keys``) onto ``device``.
+
+    ``device``: "cpu" (numpy arrays), "cuda:N" (CuPy arrays on GPU N), or a dict name → device.
+    Raises CheckpointNotFoundError, MissingKeysError (listing every missing key),
+    CorruptCheckpointError (naming tensor and file).
+    """
+    options = options or Options()
+    stager = _default_stager(options)
+    with BundleReader(file_prefix) as reader:
+        names = reader.keys() if keys is None else list(keys)
+        missing = [n for n in names if n not in reader]
+        if missing:
+            raise MissingKeysError(missing, str(file_prefix))
+        if isinstance(device, Mapping):
+            requests = [(n, devices.parse(device.get(n, "cpu"))) for n in names]
+        else:
+            target = devices.parse(device)
+            requests = [(n, target) for n in names]
+        return dict(load_iter(reader, requests, stager))

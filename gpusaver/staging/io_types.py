@@ -1,0 +1,53 @@
+"""The seam between staging and the bundle writer/reader: what a copy engine hands the writer.
+
+A save is a sequence of :class:`Chunk` per tensor; a copy engine (host or CUDA) produces them, the
+shard writer consumes them in order. Engines implement :class:`CopyEngine`.
+"""
+import dataclasses
+from typing import Any, Callable, Iterator, Protocol
+
+import numpy as np
+
+from gpusaver.staging.devices import Device
+
+
+def _noop():
+    pass
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Consecutive bytes of one tensor, staged in host memory.
+
+    ``data`` is valid once ``ready()`` returns (a CUDA event wait; nothing on the host);
+    ``crc`` is the CRC32C of ``data`` alone when the engine computed it (else None, and the
+    writer computes it); ``release()`` hands the buffer back to the pool once written.
+    """
+    data: memoryview
+    crc: int | None = None
+    ready: Callable[[], None] = _noop
+    release: Callable[[], None] = _noop
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveItem:
+    """One tensor to save: its checkpoint name and an array (numpy, CuPy, DLPack, buffer)."""
+    name: str
+    array: Any
+    device: Device
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class CopyEngine(Protocol):
+    """Moves tensor bytes between a device and host staging buffers."""
+
+    def chunks(self, item: SaveItem) -> Iterator[Chunk]:
+        """Stage ``item`` as chunks in order; may block on the buffer pool (the budget)."""
+
+    def upload(self, host: np.ndarray, device: Device) -> Any:
+        """Place a restored host array on ``device``; return the device array."""

@@ -1,0 +1,213 @@
+"""The save and load pipelines: engines stage chunks, shard writers consume them, in parallel.
+
+Save: per data shard, a producer thread stages chunks (copy-out, checksum) into a bounded queue
+while the shard's writer thread writes the previous ones, so copy-out of chunk k+1 overlaps the
+write of chunk k. Load: reader threads fill host buffers (or device arrays via the engine) ahead of
+the consumer, within the byte budget, and results come back in request order.
+"""
+import collections
+import concurrent.futures
+import math
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from gpusaver.format import strings
+from gpusaver.format.bundle import BundleReader, BundleWriter, ShardWriter
+from gpusaver.options import Options
+from gpusaver.staging.devices import Device
+from gpusaver.staging.io_types import Chunk, SaveItem
+from gpusaver.staging.pool import aligned_empty
+
+_QUEUE_DEPTH = 64  # staged items a producer may run ahead (memory is bounded by the pool, not this)
+_DONE = ("done", None)
+
+
+def plan_shards(items: list[SaveItem], num_shards: int) -> list[list[SaveItem]]:
+    """Split items over shards, largest first onto the lightest shard; each keeps the input order."""
+    loads = [0] * num_shards
+    owner = {}
+    for i in sorted(range(len(items)), key=lambda i: -items[i].nbytes):
+        s = loads.index(min(loads))
+        owner[i] = s
+        loads[s] += items[i].nbytes
+    shards: list[list[SaveItem]] = [[] for _ in range(num_shards)]
+    for i, item in enumerate(items):
+        shards[owner[i]].append(item)
+    return shards
+
+
+class SaveJob:
+    """One save running on background threads; ``future`` resolves to ``on_done(prefix)``'s result.
+
+    ``snapshot_held`` is set once the job no longer needs the caller's arrays to stay unchanged:
+    at once in reference mode (the job holds the arrays themselves), or when the last chunk has been
+    copied into staging buffers in copy mode. It is also set if the job fails early.
+    """
+
+    def __init__(self, prefix: str, items: list[SaveItem], options: Options,
+                 engine_for: Callable[[SaveItem], Any], on_done: Callable[[str], Any] | None = None):
+        self.prefix = prefix
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self.snapshot_held = threading.Event()
+        self._items = items
+        self._options = options
+        self._engine_for = engine_for
+        self._on_done = on_done
+        self._staging_left = options.num_shards
+        self._lock = threading.Lock()
+        if options.snapshot == "reference":
+            self.snapshot_held.set()
+
+    def start(self) -> "SaveJob":
+        # Not a daemon: a save in flight keeps the interpreter alive until its files are complete.
+        threading.Thread(target=self._run, name=f"gpusaver-save:{self.prefix}", daemon=False).start()
+        return self
+
+    def _run(self):
+        try:
+            self.future.set_result(self._save())
+        except BaseException as e:  # noqa: B902 — re-raised by future.result() in the caller
+            self.future.set_exception(e)
+        finally:
+            self.snapshot_held.set()
+            self._items = None  # drop the snapshot as soon as the files are written
+
+    def _save(self):
+        opts = self._options
+        with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync) as writer:
+            shards = plan_shards(self._items, opts.num_shards)
+            if opts.num_shards == 1:
+                self._write_shard(writer.shard(0), shards[0])
+            else:
+                with concurrent.futures.ThreadPoolExecutor(opts.num_shards, "gpusaver-shard") as pool:
+                    futures = [pool.submit(self._write_shard, writer.shard(i), shard)
+                               for i, shard in enumerate(shards)]
+                    for f in futures:
+                        f.result()
+        return self._on_done(self.prefix) if self._on_done else self.prefix
+
+    def _staged_one_shard(self):
+        with self._lock:
+            self._staging_left -= 1
+            if self._staging_left == 0:
+                self.snapshot_held.set()
+
+    def _produce(self, items: list[SaveItem], out: queue.Queue, cancel: threading.Event):
+        def put(entry):
+            while not cancel.is_set():
+                try:
+                    out.put(entry, timeout=0.05)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            for item in items:
+                if item.dtype.kind in "OSU":  # DT_STRING: encoded whole by the writer
+                    if not put(("strings", item)):
+                        return
+                    continue
+                if not put(("begin", item)):
+                    return
+                for chunk in self._engine_for(item).chunks(item, cancel.is_set):
+                    if not put(("chunk", chunk)):
+                        chunk.release()
+                        return
+                if not put(("end", item)):
+                    return
+            self._staged_one_shard()
+            put(_DONE)
+        except BaseException as e:
+            put(("error", e))
+
+    def _write_shard(self, shard: ShardWriter, items: list[SaveItem]):
+        staged: queue.Queue = queue.Queue(_QUEUE_DEPTH)
+        cancel = threading.Event()
+        producer = threading.Thread(target=self._produce, args=(items, staged, cancel),
+                                    name="gpusaver-stage", daemon=True)
+        producer.start()
+        try:
+            while True:
+                kind, payload = staged.get()
+                if kind == "chunk":
+                    payload.ready()
+                    try:
+                        shard.write(payload.data, payload.crc)
+                    finally:
+                        payload.release()
+                elif kind == "begin":
+                    shard.begin(payload.name, payload.dtype, payload.shape)
+                elif kind == "end":
+                    shard.end()
+                elif kind == "strings":
+                    shard.add_strings(payload.name, payload.shape, strings.as_bytes_list(payload.array))
+                elif kind == "error":
+                    raise payload
+                else:
+                    break
+        finally:
+            cancel.set()
+            producer.join()
+            while not staged.empty():  # hand staged buffers back to the pool
+                kind, payload = staged.get_nowait()
+                if kind == "chunk":
+                    payload.release()
+
+
+# --- load -------------------------------------------------------------------------------------
+def _read_host(reader: BundleReader, name: str, chunk: int) -> np.ndarray:
+    entry = reader.entry(name)
+    if entry.slices or reader.dtype(name).kind == "O":
+        return reader.read(name)
+    reader._check_extent(name, entry)  # before allocating a buffer sized from the index
+    dtype = reader.dtype(name)
+    # 64-byte aligned, so TF (via DLPack) and CUDA uploads take it without another copy.
+    out = aligned_empty(entry.size).view(dtype).reshape(entry.shape)
+    reader.read_into(name, out, chunk)
+    return out
+
+
+def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], options: Options,
+              upload: Callable[[np.ndarray, Device, str], Any]) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, array)`` in request order, each read (CRC-checked) then ``upload``-ed.
+
+    Up to ``num_threads`` tensors are read ahead, as long as their bytes stay within
+    ``buffer_budget`` (one tensor is always allowed, however large), so host memory holds at most
+    the budget plus one tensor beyond what the consumer keeps.
+    """
+    requests = list(requests)
+    chunk = options.effective_chunk
+    inflight: collections.deque = collections.deque()
+    inflight_bytes = 0
+
+    def size_of(name):
+        e = reader.entry(name)
+        return e.size if not e.slices else math.prod(e.shape) * max(reader.dtype(name).itemsize, 1)
+
+    def task(name, device):
+        return upload(_read_host(reader, name, chunk), device, name)
+
+    with concurrent.futures.ThreadPoolExecutor(options.num_threads, "gpusaver-read") as pool:
+        nxt = 0
+        while nxt < len(requests) or inflight:
+            while nxt < len(requests) and len(inflight) < 2 * options.num_threads:
+                size = size_of(requests[nxt][0])
+                if inflight and inflight_bytes + size > options.buffer_budget:
+                    break
+                name, device = requests[nxt]
+                inflight.append((name, size, pool.submit(task, name, device)))
+                inflight_bytes += size
+                nxt += 1
+            name, size, fut = inflight.popleft()
+            inflight_bytes -= size
+            try:
+                value = fut.result()
+            except BaseException:
+                for _, _, f in inflight:
+                    f.cancel()
+                raise
+            yield name, value
