@@ -1,0 +1,116 @@
+"""TensorFlow (and Keras 3) adapter: naming rules, variable ↔ array, device strings, assign.
+
+The only module besides ``saver.py`` that imports TensorFlow.
+"""
+import ml_dtypes
+import numpy as np
+import tensorflow as tf
+
+from gpusaver.errors import MismatchError
+from gpusaver.format.dtypes import enum_to_dtype
+from gpusaver.staging import devices
+from gpusaver.staging.devices import Device
+
+
+def require_eager(what: str):
+    """Raise RuntimeError (as tf.contrib.eager.Saver did) when eager execution is off."""
+    if not tf.executing_eagerly():
+        raise RuntimeError(f"gpusaver.Saver.{what} requires eager execution to be enabled "
+                           "(tf.compat.v1.enable_eager_execution, the TF2 default)")
+
+
+def _tf_variable(var):
+    """The tf.Variable behind a tf.Variable or a Keras 3 variable; TypeError for anything else."""
+    if isinstance(var, tf.Variable):
+        return var
+    inner = getattr(var, "value", None)
+    if hasattr(var, "path") and isinstance(inner, tf.Variable):
+        return inner
+    raise TypeError(f"expected a tf.Variable or Keras variable, got {type(var).__name__}: {var!r}")
+
+
+def default_name(var) -> str:
+    """Checkpoint name of a variable in a list: Keras 3 → its ``path``; TF → ``name`` up to the ':'."""
+    if not isinstance(var, tf.Variable) and hasattr(var, "path"):
+        return var.path
+    return var.name.split(":")[0]
+
+
+def name_variables(var_list) -> dict[str, tf.Variable]:
+    """{checkpoint name: tf.Variable} from a list or a dict (keys verbatim), as TF's Saver names them.
+
+    Raises MismatchError naming the name two different variables share, TypeError for non-variables.
+    """
+    pairs = var_list.items() if isinstance(var_list, dict) else ((default_name(v), v) for v in var_list)
+    named: dict[str, tf.Variable] = {}
+    for name, var in pairs:
+        tf_var = _tf_variable(var)
+        if name in named and named[name] is not tf_var:
+            raise MismatchError(f"two different variables share the checkpoint name {name!r}")
+        named[name] = tf_var
+    if not named:
+        raise ValueError("Saver needs at least one variable")
+    return named
+
+
+def snapshot(var: tf.Variable):
+    """A consistent value of ``var`` that later assignments cannot change, without copying it.
+
+    Resource variables are copy-on-write: an assign or optimizer update allocates a new buffer while
+    the tensor returned here is referenced. CPU tensors become zero-copy numpy views (DLPack; bfloat16
+    through a bitcast, since numpy's DLPack knows no bfloat16); GPU tensors stay TF tensors and the
+    core imports them by DLPack. Strings are copied (TF stores them as C++ objects).
+    """
+    value = var.read_value()
+    if devices.parse(value.device).is_cuda:
+        return value
+    if value.dtype == tf.string:
+        return value.numpy()
+    if value.dtype == tf.bfloat16:
+        return np.from_dlpack(tf.bitcast(value, tf.uint16)).view(ml_dtypes.bfloat16)
+    try:
+        return np.from_dlpack(value)
+    except (RuntimeError, TypeError, BufferError):
+        return value.numpy()
+
+
+def check_fits(name: str, var: tf.Variable, dtype_enum: int, shape: tuple[int, ...]):
+    """Raise MismatchError naming the variable if a checkpoint tensor cannot be assigned to it."""
+    want_dtype = np.dtype(object) if var.dtype == tf.string else np.dtype(var.dtype.as_numpy_dtype)
+    found = enum_to_dtype(dtype_enum)
+    if found != want_dtype:
+        raise MismatchError(f"variable {name!r}: dtype in checkpoint is {found}, variable is {want_dtype}")
+    want_shape = tuple(var.shape.as_list())
+    if tuple(shape) != want_shape:
+        raise MismatchError(f"variable {name!r}: shape in checkpoint is {tuple(shape)}, variable is {want_shape}")
+
+
+def device_of(var: tf.Variable) -> Device:
+    return devices.parse(var.device or "cpu")
+
+
+def target_device(var: tf.Variable, device_map: dict | None) -> Device:
+    """Where ``var``'s restored value is placed: ``device_map`` applied to its device (keys and values
+    are any device spelling: "/GPU:0", "cuda:0", a full TF string), else the variable's own device."""
+    own = device_of(var)
+    for src, dst in (device_map or {}).items():
+        s = devices.parse(src)
+        if (s.kind, s.index) == (own.kind, own.index):
+            return devices.parse(dst)
+    return own
+
+
+def tf_device_string(device: Device) -> str:
+    return f"/device:{'GPU' if device.is_cuda else 'CPU'}:{device.index}"
+
+
+def assign(var: tf.Variable, value, device: Device):
+    """Assign a restored array (numpy or CuPy) to ``var``, materialising it on ``device`` first."""
+    with tf.device(tf_device_string(device)):
+        if hasattr(value, "__cuda_array_interface__"):
+            tensor = tf.experimental.dlpack.from_dlpack(value.toDlpack())
+        elif isinstance(value, np.ndarray) and value.dtype == ml_dtypes.bfloat16:
+            tensor = tf.bitcast(tf.convert_to_tensor(value.view(np.uint16)), tf.bfloat16)
+        else:
+            tensor = tf.convert_to_tensor(value, dtype=var.dtype)
+        var.assign(tensor)
