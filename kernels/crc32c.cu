@@ -140,8 +140,12 @@ crc32c_segments(const unsigned char* __restrict__ data, unsigned long long nbyte
         t0[tid] = c;
     }
     if (tid == 0) {
+        // Squarings are one serial chain; compute only the powers any advance below can
+        // use (lengths up to `segment`, the gap, the tree's 16*128 bytes: bit 11).
+        const int used = segment ? 64 - __clzll((long long)segment) : 0;
+        const int nxp = used > 12 ? used : 12;
         unsigned int p = CRC_X8;
-        for (int k = 0; k < 64; ++k) {
+        for (int k = 0; k < nxp; ++k) {
             xpow[k] = p;
             p = gf_mul(p, p);
         }

@@ -104,7 +104,7 @@ class ShardWriter:
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
         self.begin(name, array.dtype, array.shape)
-        self.write(np.ascontiguousarray(array))
+        self.write(array if array.flags.c_contiguous else array.copy(order="C"))
         self.end()
 
     def add_strings(self, name: str, shape, items: list[bytes]):
@@ -350,7 +350,7 @@ class BundleReader:
 
     def _read_into(self, name: str, entry: Entry, view: memoryview, chunk_size: int = 64 << 20):
         if entry.slices or entry.dtype == DataType.STRING:
-            value = np.ascontiguousarray(self._read(name, entry))
+            value = self._read(name, entry)
             if value.dtype.kind == "O":
                 raise MismatchError(f"tensor {name!r} holds strings; use read()")
             if len(view) != value.nbytes:

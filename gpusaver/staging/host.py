@@ -46,4 +46,4 @@ def as_host_array(array) -> np.ndarray:
     arr = np.asarray(array)
     if arr.dtype.kind not in "OSU" and not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")  # ascontiguousarray makes 0-d 1-d

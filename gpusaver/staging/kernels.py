@@ -6,7 +6,8 @@ here in the staging layer's kernel path: without it, :func:`kernel_sources` stil
 compile test uses it) and everything else raises an ``ImportError`` that says what to install.
 
 Launches go on CuPy's current stream, or on ``stream`` where given (which must belong to the
-device the arrays live on); results are valid in that stream's order.
+device the arrays live on). Inputs must be ready in that stream's order (work queued on other
+streams is the caller's to synchronise with); results are valid in that stream's order.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ _OPTIONS = ("-std=c++14",)
 _PACK_THREADS = 256
 _MAX_GRID = 65535  # blocks loop over their work, so more would only queue
 _INSTALL_HINT = "pip install gpusaver[cuda]"
+# kDLCUDA, kDLCUDAManaged, kDLROCM: memory a kernel can read. Host arrays (numpy has
+# __dlpack__ too) are refused here rather than copied behind the caller's back.
+_DLPACK_DEVICE_TYPES = (2, 13, 10)
 
 
 def _kernel_dir() -> Path:
@@ -113,6 +117,10 @@ def _device_bytes(cupy, obj, what: str):
     elif hasattr(obj, "__cuda_array_interface__"):
         arr = cupy.asarray(obj)
     elif hasattr(obj, "__dlpack__"):
+        device_type = obj.__dlpack_device__()[0] if hasattr(obj, "__dlpack_device__") else None
+        if device_type is not None and int(device_type) not in _DLPACK_DEVICE_TYPES:
+            raise TypeError(f"{what}: expected a device array, got a {type(obj).__name__} "
+                            f"in DLPack device type {int(device_type)} memory")
         arr = cupy.from_dlpack(obj)
     else:
         raise TypeError(f"{what}: expected a device array, got {type(obj).__name__}")
