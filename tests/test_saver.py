@@ -1,0 +1,160 @@
+"""The Saver contract of tf.contrib.eager.Saver, naming, retention and bad input."""
+import os
+
+import numpy as np
+import pytest
+
+import gpusaver
+from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, MissingKeysError
+
+tf = pytest.importorskip("tensorflow")
+
+
+def _vars():
+    return [tf.Variable(np.arange(6, dtype=np.float32).reshape(2, 3), name="scope/w"),
+            tf.Variable(np.int64(7), name="step_count"),
+            tf.Variable(["a", "ü"], name="vocab")]
+
+
+def test_save_returns_prefix_and_restores(tmp_path):
+    vs = _vars()
+    saver = gpusaver.Saver(vs)
+    prefix = str(tmp_path / "sub" / "dir" / "model")  # directory created on demand
+    assert saver.save(prefix) == prefix
+    assert tf.train.latest_checkpoint(str(tmp_path / "sub" / "dir")) == prefix
+    for v in vs:
+        v.assign(tf.zeros_like(v))
+    saver.restore(prefix)
+    np.testing.assert_array_equal(vs[0].numpy(), np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert vs[1].numpy() == 7 and list(vs[2].numpy()) == [b"a", "ü".encode()]
+
+
+@pytest.mark.parametrize("step", [3, np.int32(3), "tensor", "variable"])
+def test_global_step_forms(tmp_path, step):
+    if step == "tensor":
+        step = tf.constant(3)
+    elif step == "variable":
+        step = tf.Variable(3, dtype=tf.int64)
+    saver = gpusaver.Saver(_vars())
+    assert saver.save(str(tmp_path / "m"), global_step=step) == str(tmp_path / "m-3")
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-3")
+
+
+def test_names_list_dict_and_keras(tmp_path):
+    keras = pytest.importorskip("keras")
+    layer = keras.layers.Dense(2)
+    layer.build((None, 3))
+    v = tf.Variable(1.0, name="outer/thing")
+    saver = gpusaver.Saver([v, *layer.weights])
+    assert set(saver.variables) == {"outer/thing", "dense/kernel", "dense/bias"} or \
+        set(saver.variables) == {"outer/thing", f"{layer.name}/kernel", f"{layer.name}/bias"}
+    prefix = saver.save(str(tmp_path / "k"))
+    kernel = layer.kernel.numpy()
+    layer.kernel.assign(np.zeros_like(kernel))
+    saver.restore(prefix)
+    np.testing.assert_array_equal(layer.kernel.numpy(), kernel)
+    by_dict = gpusaver.Saver({"custom key/ü": v})
+    assert tf.train.list_variables(by_dict.save(str(tmp_path / "d"))) == [("custom key/ü", [])]
+
+
+def test_duplicate_names_are_an_error():
+    a, b = tf.Variable(1.0, name="same"), tf.Variable(2.0, name="same")
+    with pytest.raises(MismatchError, match="'same'"):
+        gpusaver.Saver([a, b])
+    assert gpusaver.Saver([a, a]).variables == {"same": a}  # one variable twice is fine
+
+
+def test_requires_eager():
+    with tf.Graph().as_default():
+        v = tf.compat.v1.Variable(1.0, name="g")
+        with pytest.raises(RuntimeError, match="eager"):
+            gpusaver.Saver([v])
+
+
+def test_checkpoint_with_more_tensors_restores(tmp_path):
+    vs = _vars()
+    prefix = gpusaver.Saver(vs).save(str(tmp_path / "all"))
+    only = tf.Variable(np.zeros((2, 3), np.float32), name="scope/w")
+    gpusaver.Saver([only]).restore(prefix)
+    np.testing.assert_array_equal(only.numpy(), vs[0].numpy())
+
+
+def test_missing_keys_listed(tmp_path):
+    prefix = gpusaver.Saver([tf.Variable(1.0, name="a")]).save(str(tmp_path / "c"))
+    saver = gpusaver.Saver([tf.Variable(1.0, name="a"), tf.Variable(1.0, name="b"), tf.Variable(1.0, name="c")])
+    with pytest.raises(MissingKeysError, match="2 key.*: b, c") as e:
+        saver.restore(prefix)
+    assert e.value.missing == ["b", "c"]
+
+
+@pytest.mark.parametrize("var, message", [
+    (lambda: tf.Variable(np.zeros((3, 2), np.float32), name="scope/w"), r"'scope/w'.*shape.*\(2, 3\).*\(3, 2\)"),
+    (lambda: tf.Variable(np.zeros((2, 3), np.float64), name="scope/w"), r"'scope/w'.*dtype.*float32.*float64"),
+])
+def test_dtype_and_shape_mismatch_name_the_variable(tmp_path, var, message):
+    prefix = gpusaver.Saver(_vars()).save(str(tmp_path / "c"))
+    target = var()
+    before = target.numpy().copy()
+    with pytest.raises(MismatchError, match=message):
+        gpusaver.Saver([target]).restore(prefix)
+    np.testing.assert_array_equal(target.numpy(), before)
+
+
+def test_missing_files(tmp_path):
+    saver = gpusaver.Saver(_vars())
+    with pytest.raises(CheckpointNotFoundError, match="nothing.index"):
+        saver.restore(str(tmp_path / "nothing"))
+    prefix = saver.save(str(tmp_path / "c"))
+    os.remove(prefix + ".data-00000-of-00001")
+    with pytest.raises(CheckpointNotFoundError, match="data-00000-of-00001"):
+        saver.restore(prefix)
+
+
+def test_corruption_is_reported_with_tensor_and_file(tmp_path):
+    w = tf.Variable(np.arange(1000, dtype=np.float32), name="w")
+    prefix = gpusaver.Saver([w]).save(str(tmp_path / "c"))
+    data = tmp_path / "c.data-00000-of-00001"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 1
+    data.write_bytes(raw)
+    with pytest.raises(CorruptCheckpointError, match="CRC32C mismatch in tensor 'w'"):
+        gpusaver.Saver([w]).restore(prefix)
+    (tmp_path / "c.index").write_bytes(b"garbage" * 3)
+    with pytest.raises(CorruptCheckpointError, match="c.index"):
+        gpusaver.Saver([w]).restore(prefix)
+
+
+def test_retention_keeps_five_and_lists_them(tmp_path):
+    saver = gpusaver.Saver(_vars())
+    for step in range(8):
+        saver.save(str(tmp_path / "m"), global_step=step)
+    kept = [f"m-{i}" for i in range(3, 8)]
+    assert sorted(p.name for p in tmp_path.glob("*.index")) == sorted(k + ".index" for k in kept)
+    state = tf.train.get_checkpoint_state(str(tmp_path))
+    assert list(state.all_model_checkpoint_paths) == [str(tmp_path / k) for k in kept]
+    assert state.model_checkpoint_path == str(tmp_path / "m-7")
+
+
+def test_retention_none_keeps_all(tmp_path):
+    saver = gpusaver.Saver(_vars(), max_to_keep=None)
+    for step in range(7):
+        saver.save(str(tmp_path / "m"), global_step=step)
+    assert len(list(tmp_path.glob("*.index"))) == 7
+    assert len(tf.train.get_checkpoint_state(str(tmp_path)).all_model_checkpoint_paths) == 7
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
+    good = tf.Variable(np.ones(4, np.float32), name="good")
+    saver = gpusaver.Saver([good])
+    first = saver.save(str(tmp_path / "m"), global_step=1)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    # An unsupported dtype is refused before anything is written ...
+    with pytest.raises(gpusaver.UnsupportedError, match="'bad'"):
+        gpusaver.save(str(tmp_path / "m-2"), {"good": np.ones(4), "bad": np.zeros(2, dtype="M8[s]")})
+    # ... and a failure in the background (the target directory became a file) leaves no trace.
+    (tmp_path / "blocked").write_text("not a directory")
+    with pytest.raises(OSError):
+        saver.save(str(tmp_path / "blocked" / "m"), global_step=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "blocked"} == before
+    assert tf.train.latest_checkpoint(str(tmp_path)) == first
