@@ -55,12 +55,16 @@ class Stager:
             raise UnsupportedError(f"tensor {name!r}: {e}") from None
         return SaveItem(name, array, device, array.dtype, tuple(int(d) for d in array.shape))
 
-    def upload(self, host, device: Device, name: str = ""):
-        if device.is_cuda:
-            if host.dtype.kind == "O":
-                raise MismatchError(f"tensor {name!r} holds strings, which cannot live on {device}")
-            return self.cuda().upload(host, device)
-        return host
+    def fetch(self, reader: BundleReader, name: str, device: Device):
+        """Read tensor ``name`` (CRC-checked) onto ``device``: numpy on the host, CuPy on a GPU."""
+        if not device.is_cuda:
+            return pipeline.read_host(reader, name, self.options.effective_chunk)
+        entry = reader.entry(name)
+        if reader.dtype(name).kind == "O":
+            raise MismatchError(f"tensor {name!r} holds strings, which cannot live on {device}")
+        if entry.slices:
+            return self.cuda().upload(pipeline.read_host(reader, name, self.options.effective_chunk), device)
+        return self.cuda().load(reader, name, entry, device)
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,7 +95,8 @@ def save(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = 
 
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], stager: Stager):
     """Yield ``(name, array)`` for (name, device) requests in order; see :func:`pipeline.load_iter`."""
-    return pipeline.load_iter(reader, requests, stager.options, stager.upload)
+    return pipeline.load_iter(reader, requests, stager.options,
+                              lambda name, device: stager.fetch(reader, name, device))
 
 
 def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",

@@ -5,7 +5,6 @@ import numpy as np
 
 from gpusaver.format.bundle import byte_view
 from gpusaver.format.wire import crc32c
-from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
 from gpusaver.staging.pool import BufferPool
 
@@ -36,9 +35,6 @@ class HostEngine:
             np.copyto(staged, np.frombuffer(piece, dtype=np.uint8))
             data = memoryview(staged)
             yield Chunk(data, crc32c(data), release=lambda b=buf: self._pool.release(b))
-
-    def upload(self, host: np.ndarray, device: Device) -> np.ndarray:
-        return host
 
 
 def as_host_array(array) -> np.ndarray:

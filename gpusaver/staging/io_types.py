@@ -44,10 +44,12 @@ class SaveItem:
 
 
 class CopyEngine(Protocol):
-    """Moves tensor bytes between a device and host staging buffers."""
+    """Moves tensor bytes from a device into host staging buffers (see host.py, cuda.py).
 
-    def chunks(self, item: SaveItem) -> Iterator[Chunk]:
-        """Stage ``item`` as chunks in order; may block on the buffer pool (the budget)."""
+    An engine may also define ``plan(items)``, called once per shard before staging starts, to
+    batch work across tensors (the CUDA engine packs small tensors into one copy).
+    """
 
-    def upload(self, host: np.ndarray, device: Device) -> Any:
-        """Place a restored host array on ``device``; return the device array."""
+    def chunks(self, item: SaveItem, cancelled: Callable[[], bool]) -> Iterator[Chunk]:
+        """Stage ``item`` as chunks in order; may block on the buffer pool (the budget) and stops
+        early once ``cancelled()`` is true."""

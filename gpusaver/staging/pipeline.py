@@ -106,6 +106,10 @@ class SaveJob:
             return False
 
         try:
+            engines = {id(e): e for e in map(self._engine_for, items)}
+            for engine in engines.values():
+                if hasattr(engine, "plan"):  # e.g. CUDA: group small tensors for packing
+                    engine.plan(items)
             for item in items:
                 if item.dtype.kind in "OSU":  # DT_STRING: encoded whole by the writer
                     if not put(("strings", item)):
@@ -159,7 +163,8 @@ class SaveJob:
 
 
 # --- load -------------------------------------------------------------------------------------
-def _read_host(reader: BundleReader, name: str, chunk: int) -> np.ndarray:
+def read_host(reader: BundleReader, name: str, chunk: int) -> np.ndarray:
+    """Read one tensor into a new host array (CRC-checked), sized only after the extent is checked."""
     entry = reader.entry(name)
     if entry.slices or reader.dtype(name).kind == "O":
         return reader.read(name)
@@ -172,24 +177,20 @@ def _read_host(reader: BundleReader, name: str, chunk: int) -> np.ndarray:
 
 
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], options: Options,
-              upload: Callable[[np.ndarray, Device, str], Any]) -> Iterator[tuple[str, Any]]:
-    """Yield ``(name, array)`` in request order, each read (CRC-checked) then ``upload``-ed.
+              fetch: Callable[[str, Device], Any]) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, fetch(name, device))`` in request order; fetches run on reader threads.
 
     Up to ``num_threads`` tensors are read ahead, as long as their bytes stay within
     ``buffer_budget`` (one tensor is always allowed, however large), so host memory holds at most
     the budget plus one tensor beyond what the consumer keeps.
     """
     requests = list(requests)
-    chunk = options.effective_chunk
     inflight: collections.deque = collections.deque()
     inflight_bytes = 0
 
     def size_of(name):
         e = reader.entry(name)
         return e.size if not e.slices else math.prod(e.shape) * max(reader.dtype(name).itemsize, 1)
-
-    def task(name, device):
-        return upload(_read_host(reader, name, chunk), device, name)
 
     with concurrent.futures.ThreadPoolExecutor(options.num_threads, "gpusaver-read") as pool:
         nxt = 0
@@ -199,7 +200,7 @@ def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], opti
                 if inflight and inflight_bytes + size > options.buffer_budget:
                     break
                 name, device = requests[nxt]
-                inflight.append((name, size, pool.submit(task, name, device)))
+                inflight.append((name, size, pool.submit(fetch, name, device)))
                 inflight_bytes += size
                 nxt += 1
             name, size, fut = inflight.popleft()

@@ -1,0 +1,110 @@
+"""Checkpoint benchmarks: gpusaver beside TensorFlow's own savers and the machine's raw limits, in one run.
+
+- :mod:`gpusaver.bench.cpu`: host variables — gpusaver ``Saver`` against ``tf.compat.v1.train.Saver``
+  and ``tf.train.Checkpoint`` (sync and async), page cache and fsync'd, plus peak host memory per
+  contender measured in child processes.
+- :mod:`gpusaver.bench.gpu`: CuPy arrays through ``gpusaver.save``/``load`` against raw pinned copies.
+- :mod:`gpusaver.bench.report`: machine description, JSON, markdown table, PNG plot, PASS/MISS targets.
+
+This module holds what the CPU and GPU benches share: the workload shapes and the interleaved timer.
+Run it through ``gpusaver bench`` (see ``gpusaver bench --help``) or ``bench/cpu_bench.py``.
+"""
+import dataclasses
+import math
+import statistics
+import time
+from typing import Callable
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+#: The mix workload: a few large tensors (embeddings, dense kernels) holding ~99% of the bytes, and
+#: many small ones (biases, norms) that stress per-tensor overheads.
+MIX_LARGE, MIX_SMALL, MIX_SMALL_SHARE = 16, 2000, 0.01
+#: The small workload: many equal variables, where per-tensor cost dominates.
+SMALL_COUNT = 10_000
+#: --tiny keeps the structure (large + small, many small) but at a size a smoke test runs in seconds.
+TINY_MIX_SMALL, TINY_SMALL_COUNT = 100, 200
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What to save: ``kind`` "mix" or "small", about ``size_bytes`` of ``dtype`` ("float32", "bfloat16")."""
+    kind: str
+    size_bytes: int
+    dtype: str = "float32"
+    tiny: bool = False
+
+    @property
+    def itemsize(self) -> int:
+        return 2 if self.dtype == "bfloat16" else 4
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{tensor name: shape}; the total is ``size_bytes`` rounded down to whole elements."""
+        if self.kind == "mix":
+            n_small = TINY_MIX_SMALL if self.tiny else MIX_SMALL
+            small = max(1, int(self.size_bytes * MIX_SMALL_SHARE / n_small) // self.itemsize)
+            large = max(1, (self.size_bytes - n_small * small * self.itemsize) // (MIX_LARGE * self.itemsize))
+            shapes = {f"large_{i:02d}": _matrix(large) for i in range(MIX_LARGE)}
+            shapes.update({f"small_{i:05d}": (small,) for i in range(n_small)})
+            return shapes
+        if self.kind == "small":
+            count = TINY_SMALL_COUNT if self.tiny else SMALL_COUNT
+            each = max(1, self.size_bytes // (count * self.itemsize))
+            return {f"var_{i:05d}": (each,) for i in range(count)}
+        raise ValueError(f"unknown workload {self.kind!r} (known: mix, small)")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s) for s in self.shapes().values()) * self.itemsize
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.size_bytes / GiB:g} GiB {self.dtype}"
+
+
+def _matrix(elements: int) -> tuple[int, ...]:
+    # Large tensors as 2-D (rows, 1024) like a dense kernel where that divides; the writer only sees bytes.
+    return (elements // 1024, 1024) if elements % 1024 == 0 and elements >= 1024 else (elements,)
+
+
+@dataclasses.dataclass
+class Case:
+    """One contender: ``run()`` times itself and returns {metric: seconds} ("seconds" always: until done;
+    "return_s" for async ones: until the call returned). ``setup()`` runs untimed before each run."""
+    name: str
+    phase: str  # "save", "fsync", "restore", "limit"
+    run: Callable[[], dict[str, float]]
+    setup: Callable[[], None] = lambda: None
+    stall: bool = False  # blocks a training loop: report its stall (return_s, else seconds)
+
+
+def timed(fn: Callable[[], object]) -> dict[str, float]:
+    """{"seconds": wall time of fn()}."""
+    start = time.perf_counter()
+    fn()
+    return {"seconds": time.perf_counter() - start}
+
+
+def interleave(cases: list[Case], runs: int, warmup: int = 1, progress: Callable[[str], None] = print
+               ) -> dict[str, dict]:
+    """Run the cases A B C A B C ... (``warmup`` uncounted rounds, then ``runs`` counted ones).
+
+    Interleaving spreads drift (page-cache pressure, thermal, other tenants) over every contender
+    instead of charging it to whichever ran last. Returns {name: {"phase", "runs": [...], "warmup": [...]}}.
+    """
+    out = {c.name: {"phase": c.phase, "stall": c.stall, "runs": [], "warmup": []} for c in cases}
+    for round_ in range(warmup + runs):
+        for case in cases:
+            case.setup()
+            result = case.run()
+            out[case.name]["warmup" if round_ < warmup else "runs"].append(result)
+        progress(f"  round {round_ + 1}/{warmup + runs} ({'warm-up' if round_ < warmup else 'counted'})")
+    return out
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median, min and max (seconds); NaN for an empty list."""
+    if not values:
+        return {"median": math.nan, "min": math.nan, "max": math.nan}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
