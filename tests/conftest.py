@@ -20,3 +20,16 @@ def pytest_configure(config):
 @pytest.fixture
 def tf():
     return pytest.importorskip("tensorflow")
+
+
+@pytest.fixture(scope="session")
+def cupy_gpu():
+    """CuPy with at least one visible GPU, else the test is skipped."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # no driver, no device
+        pytest.skip(f"no CUDA device: {e}")
+    if count < 1:
+        pytest.skip("no CUDA device")
+    return cupy

@@ -12,15 +12,8 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
-def cp():
-    cupy = pytest.importorskip("cupy")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:  # no driver, no device
-        pytest.skip(f"no CUDA device: {e}")
-    if count < 1:
-        pytest.skip("no CUDA device")
-    return cupy
+def cp(cupy_gpu):
+    return cupy_gpu
 
 
 @pytest.fixture(scope="module")

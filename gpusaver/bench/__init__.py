@@ -45,6 +45,7 @@ class Workload:
             n_small = TINY_MIX_SMALL if self.tiny else MIX_SMALL
             small = max(1, int(self.size_bytes * MIX_SMALL_SHARE / n_small) // self.itemsize)
             large = max(1, (self.size_bytes - n_small * small * self.itemsize) // (MIX_LARGE * self.itemsize))
+            large -= large % 1024 if large >= 1024 else 0  # whole rows of 1024, like a dense kernel
             shapes = {f"large_{i:02d}": _matrix(large) for i in range(MIX_LARGE)}
             shapes.update({f"small_{i:05d}": (small,) for i in range(n_small)})
             return shapes
@@ -64,7 +65,7 @@ class Workload:
 
 
 def _matrix(elements: int) -> tuple[int, ...]:
-    # Large tensors as 2-D (rows, 1024) like a dense kernel where that divides; the writer only sees bytes.
+    # 2-D where it divides, as model weights are; the writer only sees bytes, TF's savers see shapes.
     return (elements // 1024, 1024) if elements % 1024 == 0 and elements >= 1024 else (elements,)
 
 

@@ -2,7 +2,7 @@
 
 Save: each chunk of a large tensor is copied device→pinned host on the device's copy stream while
 the CRC kernel checksums the same bytes on a second stream, so the host never reads the data to
-checksum it; the writer waits on the copy's event before writing. Small tensors (at most
+checksum it; the staging thread waits for the copy while the writer writes the previous chunk. Small tensors (at most
 ``pack_threshold`` bytes) are gathered on the device by the pack kernel into one buffer and cross
 the bus in one copy instead of thousands. Restore: chunks are read from the file straight into
 pinned buffers and uploaded into the destination device array, double-buffered by the pool; the
@@ -116,8 +116,9 @@ class CudaEngine:
             if group.buffer is None and not self._stage_group(group, cancelled):
                 return
             off = group.offsets[item.name]
+            group.event.synchronize()
             yield Chunk(memoryview(group.buffer[off:off + item.nbytes]), None,
-                        ready=group.event.synchronize, release=lambda: self._release_from(group))
+                        release=lambda: self._release_from(group))
             return
         yield from self._large_chunks(item, cancelled)
 
@@ -140,8 +141,11 @@ class CudaEngine:
                 piece.get(stream=copy_stream, out=host)  # async: host is pinned
                 event = copy_stream.record()
                 crc = kernels.device_crc32c(piece, stream=crc_stream)  # overlaps the copy
-                yield Chunk(memoryview(host), crc, ready=event.synchronize,
-                            release=lambda b=buf: self._pool.release(b))
+                # Wait here, on the staging thread: once the last chunk is yielded the snapshot
+                # is on the host (copy mode may then let training overwrite the device memory),
+                # and the writer is meanwhile busy with the previous chunk.
+                event.synchronize()
+                yield Chunk(memoryview(host), crc, release=lambda b=buf: self._pool.release(b))
 
     # -- restore -------------------------------------------------------------------------------
     def load(self, reader, name: str, entry: Entry, device: Device):

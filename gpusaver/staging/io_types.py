@@ -17,15 +17,13 @@ def _noop():
 
 @dataclasses.dataclass
 class Chunk:
-    """Consecutive bytes of one tensor, staged in host memory.
+    """Consecutive bytes of one tensor, staged in host memory and ready to write.
 
-    ``data`` is valid once ``ready()`` returns (a CUDA event wait; nothing on the host);
     ``crc`` is the CRC32C of ``data`` alone when the engine computed it (else None, and the
     writer computes it); ``release()`` hands the buffer back to the pool once written.
     """
     data: memoryview
     crc: int | None = None
-    ready: Callable[[], None] = _noop
     release: Callable[[], None] = _noop
 
 

@@ -138,7 +138,6 @@ class SaveJob:
             while True:
                 kind, payload = staged.get()
                 if kind == "chunk":
-                    payload.ready()
                     try:
                         shard.write(payload.data, payload.crc)
                     finally:
