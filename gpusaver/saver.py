@@ -49,6 +49,7 @@ class Saver:
     def __init__(self, var_list, *, max_to_keep: int | None = 5, options: Options | None = None):
         tf_adapter.require_eager("__init__")
         self._vars = tf_adapter.name_variables(var_list)
+        self._read_all = tf_adapter.snapshot_reader(list(self._vars.values()))
         self._options = options or Options()
         self._stager = core.Stager(self._options)
         self._max_to_keep = max_to_keep
@@ -80,7 +81,7 @@ class Saver:
             prefix = f"{prefix}-{_step(global_step)}"
         with self._lock:
             self.wait(raise_errors=False)
-            arrays = {name: tf_adapter.snapshot(var) for name, var in self._vars.items()}
+            arrays = dict(zip(self._vars, map(tf_adapter.as_array, self._read_all())))
             future = core.save_async(prefix, arrays, self._options, stager=self._stager,
                                      on_done=self._commit)
             self._inflight = future

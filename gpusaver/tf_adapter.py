@@ -53,15 +53,25 @@ def name_variables(var_list) -> dict[str, tf.Variable]:
     return named
 
 
-def snapshot(var: tf.Variable):
-    """A consistent value of ``var`` that later assignments cannot change, without copying it.
+def snapshot_reader(variables: list[tf.Variable]):
+    """A function returning the current value of every variable, consistent and uncopied.
 
     Resource variables are copy-on-write: an assign or optimizer update allocates a new buffer while
-    the tensor returned here is referenced. CPU tensors become zero-copy numpy views (DLPack; bfloat16
-    through a bitcast, since numpy's DLPack knows no bfloat16); GPU tensors stay TF tensors and the
-    core imports them by DLPack. Strings are copied (TF stores them as C++ objects).
+    a tensor returned here is referenced, so holding these tensors is a snapshot. One traced
+    function reads all variables in a single call (about 20 ms for 2000 variables, against ~120 ms
+    for 2000 eager ``read_value()`` calls); it is traced on first use.
     """
-    value = var.read_value()
+    read_all = tf.function(lambda: [v.read_value() for v in variables], autograph=False)
+    return read_all
+
+
+def as_array(value: tf.Tensor):
+    """A tensor as an array the core can stage, without copying it where TF allows.
+
+    CPU tensors become zero-copy numpy views (DLPack; bfloat16 through a bitcast, since numpy's
+    DLPack knows no bfloat16); GPU tensors stay TF tensors, which the core imports by DLPack.
+    Strings are copied (TF stores them as C++ objects).
+    """
     if devices.parse(value.device).is_cuda:
         return value
     if value.dtype == tf.string:

@@ -1,0 +1,231 @@
+"""Bench output: machine description, the JSON of every raw timing, a markdown table, a PNG, targets.
+
+Everything here works on the plain dicts the benches return, so a JSON file from another machine can be
+re-reported (``write_all(json.load(f), out_dir)``).
+"""
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+
+from gpusaver.bench import GiB, MiB, summary
+
+PHASE_TITLES = {"save": "save, page cache", "fsync": "save + fsync", "restore": "restore, page cache"}
+V1_SAVE, V1_RESTORE = "tf.compat.v1 Saver.save", "tf.compat.v1 Saver.restore"
+COPY_CASE = "gpusaver save_async snapshot=copy"
+
+
+# --- machine ------------------------------------------------------------------------------------
+def _read(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _disk(path: str) -> dict:
+    """The mount holding ``path``: device, file system, rotational flag (from /proc and /sys)."""
+    path = os.path.realpath(path)
+    best = ("", "", "", "")
+    for line in _read("/proc/mounts").splitlines():
+        dev, mnt, fstype, opts = (line.split() + ["", "", "", ""])[:4]
+        if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[1]):
+            best = (dev, mnt, fstype, opts)
+    block = re.sub(r"p?\d+$", "", os.path.basename(best[0])) if best[0].startswith("/dev/") else ""
+    rotational = _read(f"/sys/block/{block}/queue/rotational").strip() if block else ""
+    usage = os.statvfs(path)
+    return {"device": best[0], "mount": best[1], "fstype": best[2], "options": best[3],
+            "model": _read(f"/sys/block/{block}/device/model").strip() if block else "",
+            "rotational": {"1": True, "0": False}.get(rotational),
+            "free_bytes": usage.f_bavail * usage.f_frsize}
+
+
+def _gpus() -> list[dict]:
+    try:  # NVML support is optional and may not be installed or written yet
+        from gpusaver import nvml
+        return [dataclasses.asdict(g) if dataclasses.is_dataclass(g) else dict(g) for g in nvml.device_info()]
+    except Exception as e:  # advisory only: a report without GPU facts is still a report
+        return [{"error": f"{type(e).__name__}: {e}"}]
+
+
+def machine(out_dir: str) -> dict:
+    """CPU model, cores, memory, the output disk, library versions and GPUs (NVML) of this machine."""
+    cpuinfo = _read("/proc/cpuinfo")
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    mem = re.search(r"^MemTotal:\s+(\d+) kB", _read("/proc/meminfo"), re.M)
+    return {
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_bytes": int(mem.group(1)) * 1024 if mem else None,
+        "disk": _disk(out_dir),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {d: _version(d) for d in ("gpusaver", "tensorflow", "numpy", "keras", "crc32c",
+                                              "ml_dtypes", "cupy-cuda12x", "cupy-cuda13x", "nvidia-ml-py")},
+        "gpus": _gpus(),
+    }
+
+
+# --- numbers ------------------------------------------------------------------------------------
+def metric(case: dict, key: str = "seconds") -> dict:
+    """Median/min/max of one metric over a case's counted runs (seconds)."""
+    return summary([r[key] for r in case["runs"] if key in r])
+
+
+def stall(case: dict) -> float:
+    """Median seconds a training loop is blocked: until return for async saves, else the whole save."""
+    key = "return_s" if case["runs"] and "return_s" in case["runs"][0] else "seconds"
+    return metric(case, key)["median"]
+
+
+def rows(record: dict) -> list[dict]:
+    """One table row per contender of a CPU workload record."""
+    out = []
+    for name, case in record["cases"].items():
+        s = metric(case)
+        mem = record.get("memory", {}).get(name, {})
+        out.append({"contender": name, "phase": case["phase"], **s,
+                    "gib_s": record["nbytes"] / GiB / s["median"] if s["median"] > 0 else math.nan,
+                    "stall": stall(case) if case.get("stall") else None,
+                    "peak_extra_mib": mem["peak_extra_bytes"] / MiB if "peak_extra_bytes" in mem else None,
+                    "restore_ok": record.get("restore_correct", {}).get(name)})
+    return out
+
+
+def targets(record: dict) -> list[dict]:
+    """The design's CPU targets for one workload record: PASS/MISS with the measured ratio."""
+    c, out = record["cases"], []
+
+    def add(name, ratio, ok, detail):
+        out.append({"workload": record["label"], "target": name, "ratio": ratio, "pass": bool(ok), "detail": detail})
+
+    if "gpusaver save" in c and V1_SAVE in c:
+        g, t = metric(c["gpusaver save"])["median"], metric(c[V1_SAVE])["median"]
+        add("save >= 2x tf.compat.v1 Saver.save", t / g, t / g >= 2, f"gpusaver {g:.3f} s vs TF {t:.3f} s")
+    if "gpusaver restore" in c and V1_RESTORE in c:
+        g, t = metric(c["gpusaver restore"])["median"], metric(c[V1_RESTORE])["median"]
+        add("restore >= 1.5x Saver.restore", t / g, t / g >= 1.5, f"gpusaver {g:.3f} s vs TF {t:.3f} s")
+    if "gpusaver save_async" in c and V1_SAVE in c:
+        r, t = stall(c["gpusaver save_async"]), metric(c[V1_SAVE])["median"]
+        add("save_async return <= 2% of TF sync save", r / t, r / t <= 0.02,
+            f"returns in {r * 1e3:.1f} ms vs TF save {t:.3f} s")
+    mem = record.get("memory", {}).get(COPY_CASE, {})
+    if "peak_extra_bytes" in mem:
+        limit = record["copy_budget_bytes"] + 64 * MiB
+        add("copy-mode peak extra <= budget + 64 MiB", mem["peak_extra_bytes"] / limit,
+            mem["peak_extra_bytes"] <= limit,
+            f"{mem['peak_extra_bytes'] / MiB:.0f} MiB vs {limit / MiB:.0f} MiB "
+            f"(budget {record['copy_budget_bytes'] / MiB:.0f} MiB)")
+    return out
+
+
+def target_lines(all_targets: list[dict]) -> list[str]:
+    return [f"{'PASS' if t['pass'] else 'MISS'}  {t['target']} [{t['workload']}]: ratio {t['ratio']:.3g} "
+            f"({t['detail']})" for t in all_targets]
+
+
+# --- markdown -----------------------------------------------------------------------------------
+def _f(x, fmt):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def markdown(result: dict) -> str:
+    """results.md: the command, the machine, one table per workload, GPU numbers, targets."""
+    m = result["machine"]
+    lines = [f"# gpusaver bench ({result['created']})", "",
+             f"Command: `{result['command']}`  ", f"Machine: {m['cpu_model']}, {m['usable_cores']} cores, "
+             f"{_f((m['memory_bytes'] or math.nan) / GiB, '.0f')} GiB RAM, disk {m['disk']['device']} "
+             f"({m['disk']['fstype']}, rotational={m['disk']['rotational']}); "
+             f"TF {m['versions']['tensorflow']}, numpy {m['versions']['numpy']}, "
+             f"gpusaver {m['versions']['gpusaver']}", "",
+             "Times are medians of the counted runs (min–max in brackets); GiB/s = model bytes / median; "
+             "stall = time the caller is blocked (until return for async saves); peak extra = peak RSS "
+             "minus RSS after the model was built, in a fresh process per contender. Restores read from "
+             "the page cache.", ""]
+    for record in result["cpu"]:
+        lines += [f"## {record['label']} — {record['num_tensors']} tensors, {record['nbytes'] / MiB:.1f} MiB", "",
+                  "| contender | phase | median s | min–max s | GiB/s | stall s | peak extra MiB | restore ok |",
+                  "|---|---|---:|---:|---:|---:|---:|:-:|"]
+        for r in rows(record):
+            ok = {True: "yes", False: "**NO**", None: ""}[r["restore_ok"]]
+            lines.append(f"| {r['contender']} | {PHASE_TITLES.get(r['phase'], r['phase'])} | "
+                         f"{_f(r['median'], '.3f')} | {_f(r['min'], '.3f')}–{_f(r['max'], '.3f')} | "
+                         f"{_f(r['gib_s'], '.2f')} | {_f(r['stall'], '.3f')} | {_f(r['peak_extra_mib'], '.0f')} | {ok} |")
+        errors = {n: m["error"] for n, m in record.get("memory", {}).items() if "error" in m}
+        lines += [""] + [f"- memory child for {n} failed: `{e.splitlines()[-1] if e else e}`"
+                         for n, e in errors.items()] + ([""] if errors else [])
+    if result.get("gpu"):
+        from gpusaver.bench.gpu import markdown_lines  # only when there is a GPU record
+        lines += markdown_lines(result["gpu"]) + [""]
+    lines += ["## Targets", "", "```", *target_lines(result["targets"]), "```", ""]
+    return "\n".join(lines)
+
+
+# --- plot ---------------------------------------------------------------------------------------
+def plot(result: dict, path: str):
+    """PNG: GiB/s per contender and workload (left), stall per contender and workload (right)."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display on bench machines
+    import matplotlib.pyplot as plt
+
+    records = result["cpu"]
+    names = list(dict.fromkeys(n for r in records for n in r["cases"]))
+    stalls = [n for n in names if any(r["cases"].get(n, {}).get("stall") for r in records)]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 0.35 * len(names) + 2.5), width_ratios=[3, 2])
+    height = 0.8 / max(1, len(records))
+    for i, r in enumerate(records):
+        data = {x["contender"]: x for x in rows(r)}
+        ys = [k + i * height for k in range(len(names))]
+        ax1.barh(ys, [data[n]["gib_s"] if n in data else 0 for n in names], height, label=r["label"])
+        ys = [k + i * height for k in range(len(stalls))]
+        ax2.barh(ys, [data[n]["stall"] if n in data and data[n]["stall"] else 0 for n in stalls], height,
+                 label=r["label"])
+    for ax, labels, title in ((ax1, names, "throughput, GiB/s (model bytes / median time)"),
+                              (ax2, stalls, "stall: seconds the caller is blocked (median)")):
+        ax.set_yticks([k + 0.4 - height / 2 for k in range(len(labels))], labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax2.set_xscale("symlog", linthresh=0.01)
+    fig.suptitle(f"gpusaver bench — {result['machine']['cpu_model']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- all of it ----------------------------------------------------------------------------------
+def assemble(cpu_records: list[dict], gpu_record: dict | None, out_dir: str, command: str, config: dict) -> dict:
+    result = {"schema": 1, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": command, "config": config, "machine": machine(out_dir),
+              "cpu": cpu_records, "gpu": gpu_record}
+    result["targets"] = [t for r in cpu_records for t in targets(r)]
+    return result
+
+
+def write_all(result: dict, out_dir: str) -> dict[str, str]:
+    """Write results.json, results.md and results.png into ``out_dir``; return {kind: path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {k: os.path.join(out_dir, f"results.{k}") for k in ("json", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(result))
+    if result["cpu"]:
+        plot(result, paths["png"])
+    else:
+        paths.pop("png")
+    return paths
