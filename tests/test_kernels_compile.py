@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gpusaver.staging.kernels import kernel_sources
+from gpusaver.staging.kernels import _KERNELS, kernel_sources
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
@@ -18,6 +18,8 @@ KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels"
 SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
 ARCHES = ["sm_80", "sm_90"]
 OPTIONS = ["-std=c++14"]  # what gpusaver.staging.kernels hands CuPy
+KERNEL_NAME = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)')
 
 
 def _preload_wheel_nvrtc() -> None:
@@ -79,6 +81,9 @@ def test_sources_found():
     for p in SOURCES:
         if p.stem in loaded:
             assert loaded[p.stem] == p.read_text(encoding="utf-8")
+    # Every kernel the loader launches is defined in the source it looks in.
+    for stem, names in _KERNELS.items():
+        assert set(names) <= set(KERNEL_NAME.findall(loaded[stem])), stem
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -90,6 +95,5 @@ def test_compiles_to_cubin(nvrtc_ready, path, arch):
     assert not re.search(r"\bwarning\b", log, re.IGNORECASE), f"{path.name} for {arch}:\n{log}"
     assert len(cubin) > 0
     # Every extern "C" kernel is in the binary under its unmangled name, as CuPy looks it up.
-    for kernel in re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)',
-                             source):
+    for kernel in KERNEL_NAME.findall(source):
         assert kernel.encode() in cubin, f"{kernel} missing from {path.name} cubin for {arch}"

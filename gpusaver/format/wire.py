@@ -1,4 +1,6 @@
 """Low-level encodings shared by the table and the protos: varints, fixed32, masked CRC32C."""
+import functools
+import operator
 import struct
 
 import crc32c as _crc32c
@@ -64,45 +66,56 @@ def read_fixed32(buf, pos: int) -> int:
 
 
 # --- CRC32C combination: crc(a ‖ b) from crc(a), crc(b) and len(b) -------------------------------
-# Polynomial arithmetic modulo the (reflected) Castagnoli polynomial, as in zlib's crc32_combine:
-# crc(a ‖ b) = crc(a) · x^(8·len(b)) mod P  xor  crc(b). This lets chunks (and GPU segments) be
-# checksummed independently, in parallel, and the tensor's CRC be assembled afterwards.
-_POLY = 0x82F63B78
+# Polynomials mod the Castagnoli P in the reflected form of the CRC register (bit 31 is the
+# coefficient of x^0). Appending n bytes multiplies a CRC by x^(8n) mod P, so
+# crc(a ‖ b) = crc(a) · x^(8·len(b)) xor crc(b) (zlib's crc32_combine). This lets chunks and GPU
+# segments be checksummed independently, in parallel, and the tensor's CRC assembled afterwards.
+POLY = 0x82F63B78
+_ONE = 0x80000000  # the polynomial 1
+_X8 = 0x00800000  # x^8
 
 
-def _multmodp(a: int, b: int) -> int:
-    m, p = 1 << 31, 0
-    while True:
-        if a & m:
+def gf_mul(a: int, b: int) -> int:
+    """a · b mod P (reflected representation); at most 32 steps."""
+    p = 0
+    while a:
+        if a & _ONE:
             p ^= b
-            if not a & (m - 1):
-                return p
-        m >>= 1
-        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-
-
-def _x2n_table() -> list[int]:
-    table, p = [], 1 << 30  # x^1
-    for _ in range(32):
-        table.append(p)
-        p = _multmodp(p, p)
-    return table
-
-
-_X2N = _x2n_table()
-
-
-def _x8n(n: int) -> int:
-    """x^(8n) mod P."""
-    p, k = 1 << 31, 3
-    while n:
-        if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
-        n >>= 1
-        k += 1
+        a = (a << 1) & _U32
+        b = (b >> 1) ^ (POLY if b & 1 else 0)
     return p
 
 
+@functools.lru_cache(maxsize=None)
+def _xpow(k: int) -> int:
+    """x^(8 · 2**k) mod P: advancing by 2**k zero bytes."""
+    if k == 0:
+        return _X8
+    half = _xpow(k - 1)
+    return gf_mul(half, half)
+
+
+@functools.lru_cache(maxsize=4096)
+def x8n(nbytes: int) -> int:
+    """x^(8 · nbytes) mod P. Cached: callers combine many pieces of one length."""
+    result, k = _ONE, 0
+    while nbytes:
+        if nbytes & 1:
+            result = gf_mul(result, _xpow(k))
+        nbytes >>= 1
+        k += 1
+    return result
+
+
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32C of ``a ‖ b`` given ``crc1 = crc32c(a)``, ``crc2 = crc32c(b)`` and ``len2 = len(b)`` bytes."""
-    return _multmodp(_x8n(len2), crc1) ^ crc2
+    """CRC-32C of ``a ‖ b`` from ``crc1 = crc32c(a)``, ``crc2 = crc32c(b)`` and ``len2 = len(b)`` bytes.
+
+    Raises ValueError if ``len2`` is negative or a CRC is outside 0..2**32-1, TypeError for
+    non-integers.
+    """
+    crc1, crc2, len2 = operator.index(crc1), operator.index(crc2), operator.index(len2)
+    if not (0 <= crc1 <= _U32 and 0 <= crc2 <= _U32):
+        raise ValueError(f"CRCs must be 32-bit unsigned values, got {crc1}, {crc2}")
+    if len2 < 0:
+        raise ValueError(f"len2 must be >= 0 bytes, got {len2}")
+    return gf_mul(x8n(len2), crc1) ^ crc2

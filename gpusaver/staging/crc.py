@@ -10,7 +10,8 @@ CRC values are those of the ``crc32c`` package and of TensorFlow's checkpoints: 
 reflected polynomial 0x82F63B78, initial register and final xor 0xFFFFFFFF, unmasked.
 Polynomials mod P are held in the reflected form of the CRC register: bit 31 is the
 coefficient of x^0. Advancing a register over n zero bytes multiplies it by x^(8n) mod P;
-that is all :func:`crc32c_combine` needs. numpy only: no CuPy, no TensorFlow.
+that is all :func:`crc32c_combine` (from ``gpusaver.format.wire``) needs. numpy only: no CuPy,
+no TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 import numpy as np
+
+# The GF(2) arithmetic lives in the format layer, which needs it to combine chunk CRCs.
+from gpusaver.format.wire import POLY, crc32c_combine, gf_mul, x8n
 
 __all__ = [
     "POLY",
@@ -32,51 +36,17 @@ __all__ = [
     "unpack_reference",
 ]
 
-POLY = 0x82F63B78
 #: Threads per block of ``crc32c_segments``; must equal CRC_THREADS in kernels/crc32c.cu.
 THREADS = 256
 #: Bytes per load of one kernel thread (one uint4).
 _BLOCK = 16
 _GAP = _BLOCK * (THREADS - 1)  # bytes of other threads between two blocks of one thread
 _ONE = 0x80000000  # the polynomial 1
-_X8 = 0x00800000  # x^8
 _MASK32 = 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------
 # GF(2)[x] / P arithmetic
-
-
-def _gf_mul(a: int, b: int) -> int:
-    """a * b mod P, reflected; loops only over a's set bits' span (at most 32 steps)."""
-    p = 0
-    while a:
-        if a & _ONE:
-            p ^= b
-        a = (a << 1) & _MASK32
-        b = (b >> 1) ^ (POLY if b & 1 else 0)
-    return p
-
-
-@lru_cache(maxsize=None)
-def _xpow(k: int) -> int:
-    """x^(8 * 2**k) mod P: advancing by 2**k zero bytes."""
-    if k == 0:
-        return _X8
-    half = _xpow(k - 1)
-    return _gf_mul(half, half)
-
-
-@lru_cache(maxsize=4096)
-def _x8n(nbytes: int) -> int:
-    """x^(8 * nbytes) mod P. Cached: callers combine many pieces of one length."""
-    result, k = _ONE, 0
-    while nbytes:
-        if nbytes & 1:
-            result = _gf_mul(result, _xpow(k))
-        nbytes >>= 1
-        k += 1
-    return result
 
 
 def _gf_mul_np(values: np.ndarray, b: int) -> np.ndarray:
@@ -95,8 +65,9 @@ def _gf_mul_np(values: np.ndarray, b: int) -> np.ndarray:
 def _advance_tables(nbytes: int) -> np.ndarray:
     """(4, 256) uint32: the linear map "advance by ``nbytes`` zero bytes", one table per
     register byte, so applying it costs four lookups instead of a 32-step multiply."""
-    basis = (np.arange(256, dtype=np.uint32)[None, :] << (8 * np.arange(4, dtype=np.uint32))[:, None])
-    tables = _gf_mul_np(basis, _x8n(nbytes))
+    shifts = 8 * np.arange(4, dtype=np.uint32)
+    basis = np.arange(256, dtype=np.uint32)[None, :] << shifts[:, None]
+    tables = _gf_mul_np(basis, x8n(nbytes))
     tables.setflags(write=False)
     return tables
 
@@ -111,31 +82,6 @@ def _advance_np(values: np.ndarray, nbytes: int) -> np.ndarray:
     t = _advance_tables(nbytes)
     return (t[0][values & 0xFF] ^ t[1][(values >> 8) & 0xFF]
             ^ t[2][(values >> 16) & 0xFF] ^ t[3][values >> 24])
-
-
-def _check_crc(value, name: str) -> int:
-    value = operator.index(value)
-    if not 0 <= value <= _MASK32:
-        raise ValueError(f"{name} must be a 32-bit unsigned CRC, got {value}")
-    return value
-
-
-def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC-32C of ``A + B`` from ``crc1 = crc32c(A)``, ``crc2 = crc32c(B)`` and ``len(B)``.
-
-    ``len2`` is in bytes. The operator for each length is cached, so combining many pieces of
-    one length costs one 32-step multiply each (a few microseconds).
-
-    Raises:
-        ValueError: ``len2`` is negative or a CRC is outside 0..2**32-1.
-        TypeError: an argument is not an integer.
-    """
-    crc1 = _check_crc(crc1, "crc1")
-    crc2 = _check_crc(crc2, "crc2")
-    len2 = operator.index(len2)
-    if len2 < 0:
-        raise ValueError(f"len2 must be >= 0 bytes, got {len2}")
-    return _gf_mul(_x8n(len2), crc1) ^ crc2
 
 
 def _segment_count(total_nbytes: int, segment_size: int) -> int:
@@ -176,7 +122,8 @@ def combine_segments(crcs: Iterable[int], segment_size: int, total_nbytes: int) 
     if nseg > 2:
         t0, t1, t2, t3 = _advance_lists(segment_size)
         for v in values[1:-1]:
-            crc = t0[crc & 0xFF] ^ t1[(crc >> 8) & 0xFF] ^ t2[(crc >> 16) & 0xFF] ^ t3[crc >> 24] ^ v
+            crc = (t0[crc & 0xFF] ^ t1[(crc >> 8) & 0xFF]
+                   ^ t2[(crc >> 16) & 0xFF] ^ t3[crc >> 24] ^ v)
     if nseg > 1:
         crc = crc32c_combine(crc, values[-1], total_nbytes - (nseg - 1) * segment_size)
     return crc
@@ -236,8 +183,9 @@ def crc32c_segments_reference(buf, segment: int, *, address: int | None = None) 
     segments and lanes. ``address`` (default: where ``buf``'s bytes actually are) sets each
     segment's alignment, which decides how the kernel splits it; the CRCs do not depend on it.
 
-    Memory is about 130 bytes per byte of one row of blocks per segment (at most 4 KiB of
-    data per segment per row), so it suits test-sized buffers, not gigabytes.
+    It works one row of blocks (up to 4 KiB per segment) at a time, with some 30 bytes of
+    temporaries per byte of the row across all segments: right for test-sized buffers, slow
+    and memory-hungry for gigabytes.
 
     Returns:
         uint32 array of ``ceil(len(buf) / segment)`` CRCs (empty for an empty buffer).
@@ -297,7 +245,7 @@ def crc32c_segments_reference(buf, segment: int, *, address: int | None = None) 
 
     out = raw ^ np.uint32(_MASK32)
     for length in np.unique(lens).tolist():
-        out[lens == length] ^= np.uint32(_gf_mul(_x8n(length), _MASK32))
+        out[lens == length] ^= np.uint32(gf_mul(x8n(length), _MASK32))
     return out
 
 
@@ -364,6 +312,7 @@ def unpack_reference(buf, offsets: Sequence[int], sizes: Sequence[int]) -> list[
         off, size = operator.index(off), operator.index(size)
         if off < 0 or size < 0 or off + size > b.size:
             raise ValueError(
-                f"tensor {i}: bytes [{off}, {off + size}) outside a packed buffer of {b.size} bytes")
+                f"tensor {i}: bytes [{off}, {off + size}) lie outside a packed buffer "
+                f"of {b.size} bytes")
         out.append(b[off:off + size].copy())
     return out
