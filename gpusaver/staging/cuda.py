@@ -39,6 +39,7 @@ class _Group:
     offsets: dict = dataclasses.field(default_factory=dict)
     buffer: np.ndarray | None = None
     event: object = None
+    packed: object = None
     pending: int = 0
 
 
@@ -49,6 +50,9 @@ class CudaEngine:
         self._cp = _cupy()
         self._pool = BufferPool(options.buffer_budget, options.effective_chunk, allocate=_pinned_empty)
         self._threshold = options.pack_threshold
+        # Uploads in flight per reader thread: two overlap the next read with the last upload, but
+        # only if every reader can hold two buffers at once — else one, so readers cannot deadlock.
+        self._upload_depth = 2 if self._pool.capacity >= 2 * options.num_threads else 1
         self._streams: dict[int, tuple] = {}
         self._groups: dict[str, _Group] = {}
         self._lock = threading.Lock()
@@ -95,8 +99,9 @@ class CudaEngine:
             copy_stream.wait_event(cp.cuda.get_current_stream().record())
             packed, offsets = kernels.pack([i.array for i in group.items], stream=copy_stream)
             host = buf[:packed.size]
-            packed.get(stream=copy_stream, out=host)
+            packed.get(stream=copy_stream, out=host, blocking=False)  # async: host is pinned
             group.event = copy_stream.record()
+        group.packed = packed  # the device buffer must outlive the copy
         group.buffer = buf
         group.offsets = {item.name: int(off) for item, off in zip(group.items, offsets)}
         group.pending = len(group.items)
@@ -138,7 +143,7 @@ class CudaEngine:
                     return
                 piece = data[start:start + step]
                 host = buf[:piece.size]
-                piece.get(stream=copy_stream, out=host)  # async: host is pinned
+                piece.get(stream=copy_stream, out=host, blocking=False)  # async: host is pinned
                 event = copy_stream.record()
                 crc = kernels.device_crc32c(piece, stream=crc_stream)  # overlaps the copy
                 # Wait here, on the staging thread: once the last chunk is yielded the snapshot
@@ -160,7 +165,7 @@ class CudaEngine:
             in_flight = []  # (event, buffer): a buffer is reused only after its upload finished
             try:
                 for start in range(0, entry.size, self._pool.buffer_size):
-                    if len(in_flight) >= 2:
+                    if len(in_flight) >= self._upload_depth:
                         event, buf = in_flight.pop(0)
                         event.synchronize()
                         self._pool.release(buf)

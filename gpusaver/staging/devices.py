@@ -56,16 +56,19 @@ def parse(device) -> Device:
 
 
 def of_array(array) -> Device:
-    """Where an array's memory is: CUDA for ``__cuda_array_interface__`` or a CUDA DLPack device."""
-    if hasattr(array, "__cuda_array_interface__"):
-        dev = getattr(array, "device", None)
-        return Device("cuda", int(getattr(dev, "id", 0) or 0))
+    """Where an array's memory is: a CUDA DLPack device, or ``__cuda_array_interface__`` (device
+    from CuPy's ``array.device.id``), else the host."""
     get = getattr(array, "__dlpack_device__", None)
     if get is not None:
         try:
             dev_type, dev_id = get()
         except Exception:
-            return CPU
+            dev_type, dev_id = _DLPACK_CPU, 0
         if int(dev_type) == _DLPACK_CUDA:
             return Device("cuda", int(dev_id))
+        if int(dev_type) in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
+            return CPU
+    if hasattr(array, "__cuda_array_interface__"):
+        dev = getattr(array, "device", None)
+        return Device("cuda", int(getattr(dev, "id", 0) or 0))
     return CPU
