@@ -114,13 +114,27 @@ def tf_device_string(device: Device) -> str:
     return f"/device:{'GPU' if device.is_cuda else 'CPU'}:{device.index}"
 
 
+def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
+    """A TF tensor over a restored host array, zero-copy through DLPack where TF allows.
+
+    The arrays come from the reader, 64-byte aligned and never reused, so TF may adopt the buffer
+    (``convert_to_tensor`` would copy it: one more pass over every restored byte).
+    """
+    if value.dtype.kind == "O":
+        return tf.convert_to_tensor(value, dtype=dtype)
+    if value.dtype == ml_dtypes.bfloat16:  # numpy's DLPack has no bfloat16: go through uint16
+        return tf.bitcast(_host_tensor(value.view(np.uint16), tf.uint16), tf.bfloat16)
+    try:
+        return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
+    except Exception:  # e.g. a dtype TF's DLPack import refuses
+        return tf.convert_to_tensor(value, dtype=dtype)
+
+
 def assign(var: tf.Variable, value, device: Device):
     """Assign a restored array (numpy or CuPy) to ``var``, materialising it on ``device`` first."""
     with tf.device(tf_device_string(device)):
         if hasattr(value, "__cuda_array_interface__"):
             tensor = tf.experimental.dlpack.from_dlpack(value.toDlpack())
-        elif isinstance(value, np.ndarray) and value.dtype == ml_dtypes.bfloat16:
-            tensor = tf.bitcast(tf.convert_to_tensor(value.view(np.uint16)), tf.bfloat16)
         else:
-            tensor = tf.convert_to_tensor(value, dtype=var.dtype)
+            tensor = _host_tensor(value, var.dtype)
         var.assign(tensor)
