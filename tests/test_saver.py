@@ -158,3 +158,16 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path):
         saver.save(str(tmp_path / "blocked" / "m"), global_step=2)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "blocked"} == before
     assert tf.train.latest_checkpoint(str(tmp_path)) == first
+
+
+def test_save_failing_midway_keeps_the_checkpoint_it_would_replace(tmp_path):
+    prefix = str(tmp_path / "same")
+    old = {"a": np.arange(1 << 20, dtype=np.float32), "s": np.array([b"x"], dtype=object)}
+    gpusaver.save(prefix, old)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    # The string tensor's bad element is met by the writer after 'a' has been written.
+    bad = {"a": np.zeros(1 << 20, np.float32), "s": np.array([b"ok", 3], dtype=object)}
+    with pytest.raises(TypeError, match="not str or bytes"):
+        gpusaver.save(prefix, bad)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    np.testing.assert_array_equal(gpusaver.load(prefix)["a"], old["a"])
