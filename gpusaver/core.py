@@ -73,16 +73,23 @@ def _default_stager(options: Options) -> Stager:
 
 
 def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = None, *,
-               stager: Stager | None = None, on_done=None) -> concurrent.futures.Future:
+               stager: Stager | None = None, on_done=None, to_array=None) -> concurrent.futures.Future:
     """Start writing ``arrays`` (name → array) as a TF checkpoint at ``file_prefix``.
 
     Returns a future once a consistent snapshot is held (see :class:`Options` ``snapshot``);
     ``result()`` gives ``on_done(file_prefix)`` if given, else the prefix, and re-raises any error
-    from the background. Raises ValueError / UnsupportedError at once for a bad name or dtype.
+    from the background — a bad dtype (UnsupportedError) or name (ValueError) included.
+    ``to_array``: an adapter's conversion applied to each value on the save thread (the TF adapter
+    turns tensors into zero-copy arrays there, keeping that work out of the caller's stall).
     """
     options = options or Options()
     stager = stager or _default_stager(options)
-    items = [stager.item(name, array) for name, array in arrays.items()]
+    values = dict(arrays)  # the caller's mapping may change once we return
+    convert = to_array or (lambda a: a)
+
+    def items():
+        return [stager.item(name, convert(value)) for name, value in values.items()]
+
     job = pipeline.SaveJob(str(file_prefix), items, options, stager.engine_for, on_done).start()
     job.snapshot_held.wait()
     return job.future

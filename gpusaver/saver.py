@@ -49,7 +49,7 @@ class Saver:
     def __init__(self, var_list, *, max_to_keep: int | None = 5, options: Options | None = None):
         tf_adapter.require_eager("__init__")
         self._vars = tf_adapter.name_variables(var_list)
-        self._read_all = tf_adapter.snapshot_reader(list(self._vars.values()))
+        self._read_all = tf_adapter.SnapshotReader(list(self._vars.values()))
         self._options = options or Options()
         self._stager = core.Stager(self._options)
         self._max_to_keep = max_to_keep
@@ -81,9 +81,10 @@ class Saver:
             prefix = f"{prefix}-{_step(global_step)}"
         with self._lock:
             self.wait(raise_errors=False)
-            arrays = dict(zip(self._vars, map(tf_adapter.as_array, self._read_all())))
-            future = core.save_async(prefix, arrays, self._options, stager=self._stager,
-                                     on_done=self._commit)
+            # Holding the tensors is the snapshot; turning them into arrays happens in the background.
+            tensors = dict(zip(self._vars, self._read_all()))
+            future = core.save_async(prefix, tensors, self._options, stager=self._stager,
+                                     on_done=self._commit, to_array=tf_adapter.as_array)
             self._inflight = future
         return future
 

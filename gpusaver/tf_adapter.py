@@ -5,6 +5,7 @@ The only module besides ``saver.py`` that imports TensorFlow.
 import ml_dtypes
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.eager import context, execute  # for the batched variable read
 
 from gpusaver.errors import MismatchError
 from gpusaver.format.dtypes import enum_to_dtype
@@ -53,16 +54,43 @@ def name_variables(var_list) -> dict[str, tf.Variable]:
     return named
 
 
-def snapshot_reader(variables: list[tf.Variable]):
-    """A function returning the current value of every variable, consistent and uncopied.
+class SnapshotReader:
+    """Reads the current value of every variable, consistent and uncopied, in few TF calls.
 
     Resource variables are copy-on-write: an assign or optimizer update allocates a new buffer while
-    a tensor returned here is referenced, so holding these tensors is a snapshot. One traced
-    function reads all variables in a single call (about 20 ms for 2000 variables, against ~120 ms
-    for 2000 eager ``read_value()`` calls); it is traced on first use.
+    a tensor returned here is referenced, so holding these tensors is a snapshot. Variables are read
+    per device with TF's batched ``_ReadVariablesOp`` (one op call: about 6 ms for 2000 variables,
+    where 2000 eager ``read_value()`` calls take ~70–120 ms and a traced ``tf.function`` costs
+    ~130 MiB of graph memory); where that internal op is unavailable, one ``ReadVariableOp`` each.
     """
-    read_all = tf.function(lambda: [v.read_value() for v in variables], autograph=False)
-    return read_all
+
+    def __init__(self, variables: list[tf.Variable]):
+        self._n = len(variables)
+        groups: dict[str, list[int]] = {}
+        for i, v in enumerate(variables):
+            groups.setdefault(v.device, []).append(i)
+        self._groups = [(device, idx, [variables[i].handle for i in idx], [variables[i].dtype for i in idx])
+                        for device, idx in groups.items()]
+        self._batched = True
+
+    def _read_group(self, device: str, handles, dtypes) -> list:
+        if self._batched:
+            try:
+                with tf.device(device):
+                    return execute.execute(b"_ReadVariablesOp", num_outputs=len(handles), inputs=handles,
+                                           attrs=("N", len(handles), "dtypes", [d.as_datatype_enum for d in dtypes]),
+                                           ctx=context.context())
+            except Exception:  # op missing or not registered for this device in this TF build
+                self._batched = False
+        with tf.device(device):
+            return [tf.raw_ops.ReadVariableOp(resource=h, dtype=d) for h, d in zip(handles, dtypes)]
+
+    def __call__(self) -> list[tf.Tensor]:
+        out = [None] * self._n
+        for device, idx, handles, dtypes in self._groups:
+            for i, value in zip(idx, self._read_group(device, handles, dtypes)):
+                out[i] = value
+        return out
 
 
 def as_array(value: tf.Tensor):

@@ -42,12 +42,15 @@ def plan_shards(items: list[SaveItem], num_shards: int) -> list[list[SaveItem]]:
 class SaveJob:
     """One save running on background threads; ``future`` resolves to ``on_done(prefix)``'s result.
 
+    ``items()`` describes the tensors; it runs on the save thread, so the caller's stall holds only
+    what the snapshot needs.
+
     ``snapshot_held`` is set once the job no longer needs the caller's arrays to stay unchanged:
     at once in reference mode (the job holds the arrays themselves), or when the last chunk has been
     copied into staging buffers in copy mode. It is also set if the job fails early.
     """
 
-    def __init__(self, prefix: str, items: list[SaveItem], options: Options,
+    def __init__(self, prefix: str, items: Callable[[], list[SaveItem]], options: Options,
                  engine_for: Callable[[SaveItem], Any], on_done: Callable[[str], Any] | None = None):
         self.prefix = prefix
         self.future: concurrent.futures.Future = concurrent.futures.Future()
@@ -78,7 +81,7 @@ class SaveJob:
     def _save(self):
         opts = self._options
         with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync) as writer:
-            shards = plan_shards(self._items, opts.num_shards)
+            shards = plan_shards(self._items(), opts.num_shards)
             if opts.num_shards == 1:
                 self._write_shard(writer.shard(0), shards[0])
             else:
