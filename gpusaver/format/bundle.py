@@ -259,6 +259,7 @@ class BundleReader:
         if not 1 <= header.num_shards <= _MAX_SHARDS:
             raise CorruptCheckpointError(f"{self.index_path}: header claims {header.num_shards} shards")
         self.num_shards = header.num_shards
+        self._entries: dict[bytes, Entry] = {}  # decoded and checked on first use
         self._fds: dict[int, tuple[int, int]] = {}
         self._lock = threading.Lock()
 
@@ -275,6 +276,12 @@ class BundleReader:
         return self._entry(name.encode("utf-8"), name)
 
     def _entry(self, key: bytes, name: str) -> Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._decode_entry(key, name)
+        return entry
+
+    def _decode_entry(self, key: bytes, name: str) -> Entry:
         try:
             raw = self._raw[key]
         except KeyError:
