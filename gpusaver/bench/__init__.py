@@ -61,7 +61,8 @@ class Workload:
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.size_bytes / GiB:g} GiB {self.dtype}"
+        size = f"{self.size_bytes / GiB:g} GiB" if self.size_bytes >= GiB // 4 else f"{self.size_bytes / MiB:g} MiB"
+        return f"{self.kind} {size} {self.dtype}"
 
 
 def _matrix(elements: int) -> tuple[int, ...]:
@@ -89,14 +90,17 @@ def timed(fn: Callable[[], object]) -> dict[str, float]:
 
 def interleave(cases: list[Case], runs: int, warmup: int = 1, progress: Callable[[str], None] = print
                ) -> dict[str, dict]:
-    """Run the cases A B C A B C ... (``warmup`` uncounted rounds, then ``runs`` counted ones).
+    """Run the cases interleaved, A B C, B C A, C A B, ... (``warmup`` uncounted rounds, then ``runs``).
 
     Interleaving spreads drift (page-cache pressure, thermal, other tenants) over every contender
-    instead of charging it to whichever ran last. Returns {name: {"phase", "runs": [...], "warmup": [...]}}.
+    instead of charging it to whichever ran last; rotating the order each round keeps any one
+    contender from always following the same predecessor (e.g. one whose background writer or
+    freed memory slows the next). Returns {name: {"phase", "stall", "runs": [...], "warmup": [...]}}.
     """
     out = {c.name: {"phase": c.phase, "stall": c.stall, "runs": [], "warmup": []} for c in cases}
     for round_ in range(warmup + runs):
-        for case in cases:
+        k = round_ % len(cases)
+        for case in cases[k:] + cases[:k]:
             case.setup()
             result = case.run()
             out[case.name]["warmup" if round_ < warmup else "runs"].append(result)

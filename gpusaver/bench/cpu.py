@@ -67,6 +67,18 @@ def _fresh(directory: str):
     os.sync()
 
 
+def _warm_free_memory(nbytes: int):
+    """Touch and free ``nbytes`` (at most half the free memory) just before a timed operation.
+
+    On VMs with free page reporting (virtio-balloon), memory left free for ~2 s goes back to the
+    host and the next touch of it costs ~10x (seen on the 2-core bench VM: 2 GiB faulted in 0.28 s
+    warm, 2.5 s after 5 s idle). Page-cache writes and fresh restore buffers would pay that at
+    random, depending on what ran before; this gives every contender the same warm free pages.
+    """
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    np.ones(min(nbytes, free // 2), dtype=np.uint8)  # dropped at once: the pages return warm
+
+
 def _fsync_tree(directory: str):
     """fsync every file in ``directory`` and the directory itself (what gpusaver's fsync=True does)."""
     for entry in os.scandir(directory):
@@ -123,8 +135,7 @@ def contenders(variables: dict, nbytes: int) -> tuple[dict, dict]:
         "gpusaver save_async snapshot=copy": ("save", True,
                                               lambda p: timed_async(lambda: g_copy.save_async(p).result)),
         "gpusaver save 2 shards": ("save", True, lambda p: timed(lambda: g_shards.save(p))),
-        "tf.compat.v1 Saver.save": ("save", True, lambda p: timed(
-            lambda: v1.save(None, p))),
+        "tf.compat.v1 Saver.save": ("save", True, lambda p: timed(lambda: v1.save(None, p))),
         "tf.train.Checkpoint.write": ("save", True, lambda p: timed(lambda: ckpt.write(p))),
         "tf.train.Checkpoint.write async": ("save", True, lambda p: timed_async(lambda: tf_async_write(p))),
         "gpusaver save fsync=True": ("fsync", True, lambda p: timed(lambda: g_fsync.save(p))),
@@ -149,22 +160,25 @@ def _slug(name: str) -> str:
 
 
 # --- raw limits --------------------------------------------------------------------------------
-def limit_cases(nbytes: int, directory: str) -> list[Case]:
-    """Plain write (large writes, one file), write + fsync, memcpy and read-back of ``nbytes``."""
+def limit_cases(nbytes: int, path: str, setup, read_setup) -> list[Case]:
+    """Plain write of ``nbytes`` to ``path`` (large writes, one file), write + fsync, memcpy, read-back.
+
+    ``setup`` gives the writes (and the memcpy) the same start as the saves, ``read_setup`` the
+    read-back the same start as the restores.
+    """
     src = np.full(_LIMIT_BUFFER, 7, dtype=np.uint8)
     dst = np.zeros(_LIMIT_BUFFER, dtype=np.uint8)  # touched, so the memcpy pays no page faults
-    path = os.path.join(directory, "limit", "plain.bin")
 
     def pieces():
         done = 0
         while done < nbytes:
-            n = min(_WRITE_PIECE, nbytes - done)
             offset = done % _LIMIT_BUFFER
-            n = min(n, _LIMIT_BUFFER - offset)
+            n = min(_WRITE_PIECE, nbytes - done, _LIMIT_BUFFER - offset)
             yield offset, n
             done += n
 
     def write(fsync=False):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb", buffering=0) as f:
             for offset, n in pieces():
                 f.write(memoryview(src)[offset:offset + n])
@@ -180,11 +194,10 @@ def limit_cases(nbytes: int, directory: str) -> list[Case]:
             for offset, n in pieces():
                 f.readinto(memoryview(dst)[offset:offset + n])
 
-    setup = lambda: _fresh(os.path.dirname(path))
     return [Case("limit: write", "save", lambda: timed(write), setup),
-            Case("limit: memcpy", "save", lambda: timed(memcpy)),
+            Case("limit: memcpy", "save", lambda: timed(memcpy), setup),
             Case("limit: write + fsync", "fsync", lambda: timed(lambda: write(True)), setup),
-            Case("limit: read", "restore", lambda: timed(read), os.sync)]
+            Case("limit: read", "restore", lambda: timed(read), read_setup)]
 
 
 # --- one workload ------------------------------------------------------------------------------
@@ -196,19 +209,40 @@ def bench_workload(workload: Workload, runs: int, warmup: int, scratch: str, mem
     expected = fingerprints(variables)
     nbytes = workload.nbytes
     saves, restores = contenders(variables, nbytes)
-    prefix = {name: os.path.join(scratch, _slug(name), "ckpt") for name in saves}
+    root = os.path.join(scratch, "out")
+    prefix = {name: os.path.join(root, _slug(name), "ckpt") for name in saves}
+
+    def clean_slate(directory):
+        # Every output of every contender goes, then dirty pages are flushed: deleted files' pages
+        # are dropped rather than written, so no save starts while the disk is busy with another's.
+        _fresh(root)
+        os.makedirs(directory, exist_ok=True)  # TF's Saver wants the directory to exist
+        _warm_free_memory(2 * nbytes)  # page cache + a copy (TF's async checkpoint) at most
+
+    def before_restore():
+        os.sync()
+        _warm_free_memory(2 * nbytes)  # the restored values' new buffers (+ TF's temporaries)
+
     save_cases = [Case(name, phase, (lambda f=fn, p=prefix[name]: f(p)),
-                       (lambda d=os.path.dirname(prefix[name]): _fresh(d)), stall)
+                       (lambda d=os.path.dirname(prefix[name]): clean_slate(d)), stall)
                   for name, (phase, stall, fn) in saves.items()]
-    restore_cases = [Case(name, "restore", (lambda f=fn, p=prefix[src]: f(p)), os.sync)
-                     for name, (src, fn) in restores.items()]
-    limits = limit_cases(nbytes, scratch)
+    limits = limit_cases(nbytes, os.path.join(root, "limit", "plain.bin"), lambda: clean_slate(root),
+                         before_restore)
     results = {}
     for phase in ("save", "fsync"):
         progress(f"[cpu] {workload.label}: {phase} phase")
         results.update(interleave([c for c in save_cases + limits if c.phase == phase], runs, warmup, progress))
-    # The restore phase reads each contender's last save; correctness first, once per contender.
-    correct = {}
+
+    # Restores read checkpoints written once more here (the clean slates removed them), then flushed.
+    clean_slate(root)
+    for name in {src for src, _ in restores.values()}:
+        os.makedirs(os.path.dirname(prefix[name]), exist_ok=True)
+        saves[name][2](prefix[name])
+    limits[0].run()
+    os.sync()
+    restore_cases = [Case(name, "restore", (lambda f=fn, p=prefix[src]: f(p)), before_restore)
+                     for name, (src, fn) in restores.items()]
+    correct = {}  # once per contender, outside the timing: a restore must change perturbed values back
     for case in restore_cases:
         perturb(variables)
         case.run()
@@ -232,6 +266,8 @@ MEMORY_CASES = ["gpusaver save", "gpusaver save_async", "gpusaver save_async sna
                 "gpusaver save 2 shards", "tf.compat.v1 Saver.save", "tf.train.Checkpoint.write",
                 "tf.train.Checkpoint.write async", "gpusaver restore", "gpusaver restore 2 shards",
                 "tf.compat.v1 Saver.restore", "tf.train.Checkpoint.read"]
+#: --tiny measures a few, enough to keep the child-process path from rotting while staying quick
+TINY_MEMORY_CASES = ["gpusaver save", "gpusaver save_async snapshot=copy", "tf.compat.v1 Saver.restore"]
 
 
 def _status_kib(field: str) -> int:
@@ -246,8 +282,13 @@ def _reset_peak_rss():
         f.write("5")
 
 
-def memory_child(name: str, workload: Workload, directory: str) -> dict:
-    """In this (fresh) process: build the model, then measure the peak RSS of one contender."""
+def memory_child(name: str, workload: Workload, directory: str, repeats: int = 2) -> dict:
+    """In this (fresh) process: build the model, then measure the peak RSS of one contender.
+
+    The contender runs ``repeats`` times (a training job checkpoints again and again): the peak is
+    over all of them, against the RSS before the first, so one-time costs (tracing, buffer pools
+    filled over several saves) count. Also reported: the first run's peak and what stays resident.
+    """
     variables = build_variables(workload)
     saves, restores = contenders(variables, workload.nbytes)
     prefix = os.path.join(directory, "ckpt")
@@ -255,17 +296,25 @@ def memory_child(name: str, workload: Workload, directory: str) -> dict:
     if name in restores:
         source, op = restores[name]
         saves[source][2](prefix)  # the checkpoint to read, written before the baseline
+        reset = os.sync
     else:
         op = saves[name][2]
+        reset = lambda: _fresh(directory)
     gc.collect()
-    os.sync()
+    reset()
     baseline = _status_kib("VmRSS") * 1024
     _reset_peak_rss()
-    timing = op(prefix)
+    timings, first_peak = [], None
+    for _ in range(repeats):
+        timings.append(op(prefix))
+        first_peak = first_peak or _status_kib("VmHWM") * 1024
+        reset()
     peak = _status_kib("VmHWM") * 1024
+    retained = _status_kib("VmRSS") * 1024 - baseline
     shutil.rmtree(directory, ignore_errors=True)
     return {"baseline_rss_bytes": baseline, "peak_rss_bytes": peak, "peak_extra_bytes": peak - baseline,
-            "timing": timing}
+            "first_peak_extra_bytes": first_peak - baseline, "retained_bytes": retained,
+            "repeats": repeats, "timings": timings}
 
 
 def _run_child(name: str, workload: Workload, directory: str) -> dict:
@@ -288,7 +337,7 @@ def measure_memory(workload: Workload, scratch: str) -> dict[str, dict]:
     jobs = 2 if workload.nbytes <= GiB else 1
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = {n: pool.submit(_run_child, n, workload, os.path.join(scratch, "mem", _slug(n)))
-                   for n in MEMORY_CASES}
+                   for n in (TINY_MEMORY_CASES if workload.tiny else MEMORY_CASES)}
         return {n: f.result() for n, f in futures.items()}
 
 

@@ -11,7 +11,9 @@ import math
 import os
 import platform
 import re
+import subprocess
 
+import gpusaver
 from gpusaver.bench import GiB, MiB, summary
 
 PHASE_TITLES = {"save": "save, page cache", "fsync": "save + fsync", "restore": "restore, page cache"}
@@ -60,6 +62,23 @@ def _gpus() -> list[dict]:
         return [{"error": f"{type(e).__name__}: {e}"}]
 
 
+def _commit() -> str | None:
+    """The gpusaver checkout's commit, "-dirty" if the library (the bench and CLI aside) has local
+    changes; None outside a git checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gpusaver.__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "gpusaver",
+                                ":!gpusaver/bench", ":!gpusaver/cli.py"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def machine(out_dir: str) -> dict:
     """CPU model, cores, memory, the output disk, library versions and GPUs (NVML) of this machine."""
     cpuinfo = _read("/proc/cpuinfo")
@@ -73,8 +92,10 @@ def machine(out_dir: str) -> dict:
         "disk": _disk(out_dir),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "versions": {d: _version(d) for d in ("gpusaver", "tensorflow", "numpy", "keras", "crc32c",
-                                              "ml_dtypes", "cupy-cuda12x", "cupy-cuda13x", "nvidia-ml-py")},
+        "versions": {**{d: _version(d) for d in ("tensorflow", "numpy", "keras", "crc32c", "ml_dtypes",
+                                                 "cupy-cuda12x", "cupy-cuda13x", "nvidia-ml-py")},
+                     "gpusaver": gpusaver.__version__,  # also when run from a checkout, not installed
+                     "gpusaver_commit": _commit()},
         "gpus": _gpus(),
     }
 
@@ -97,10 +118,12 @@ def rows(record: dict) -> list[dict]:
     for name, case in record["cases"].items():
         s = metric(case)
         mem = record.get("memory", {}).get(name, {})
-        out.append({"contender": name, "phase": case["phase"], **s,
+        first = case["warmup"][0]["seconds"] if case.get("warmup") else None  # the cold first call
+        out.append({"contender": name, "phase": case["phase"], **s, "first": first,
                     "gib_s": record["nbytes"] / GiB / s["median"] if s["median"] > 0 else math.nan,
                     "stall": stall(case) if case.get("stall") else None,
                     "peak_extra_mib": mem["peak_extra_bytes"] / MiB if "peak_extra_bytes" in mem else None,
+                    "retained_mib": mem["retained_bytes"] / MiB if "retained_bytes" in mem else None,
                     "restore_ok": record.get("restore_correct", {}).get(name)})
     return out
 
@@ -142,6 +165,12 @@ def _f(x, fmt):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _memory(row: dict) -> str:
+    if row["peak_extra_mib"] is None:
+        return "—"
+    return f"{row['peak_extra_mib']:.0f} ({_f(row['retained_mib'], '.0f')})"
+
+
 def markdown(result: dict) -> str:
     """results.md: the command, the machine, one table per workload, GPU numbers, targets."""
     m = result["machine"]
@@ -150,20 +179,24 @@ def markdown(result: dict) -> str:
              f"{_f((m['memory_bytes'] or math.nan) / GiB, '.0f')} GiB RAM, disk {m['disk']['device']} "
              f"({m['disk']['fstype']}, rotational={m['disk']['rotational']}); "
              f"TF {m['versions']['tensorflow']}, numpy {m['versions']['numpy']}, "
-             f"gpusaver {m['versions']['gpusaver']}", "",
+             f"gpusaver {m['versions']['gpusaver']} ({m['versions'].get('gpusaver_commit')})", "",
              "Times are medians of the counted runs (min–max in brackets); GiB/s = model bytes / median; "
-             "stall = time the caller is blocked (until return for async saves); peak extra = peak RSS "
-             "minus RSS after the model was built, in a fresh process per contender. Restores read from "
-             "the page cache.", ""]
+             "stall = time the caller is blocked (until return for async saves); warm-up = the uncounted "
+             "first call (one-time costs such as tracing); peak extra = peak RSS "
+             "over two consecutive runs minus RSS after the model was built, in a fresh process per "
+             "contender (in brackets: what stayed resident after them). Saves start with all earlier "
+             "output deleted, dirty pages flushed and 2x the model bytes of free memory touched (on VMs "
+             "that hand idle free memory back to the host, the next touch is ~10x slower); restores read "
+             "from the page cache. Contenders are interleaved, the order rotated each round.", ""]
     for record in result["cpu"]:
         lines += [f"## {record['label']} — {record['num_tensors']} tensors, {record['nbytes'] / MiB:.1f} MiB", "",
-                  "| contender | phase | median s | min–max s | GiB/s | stall s | peak extra MiB | restore ok |",
-                  "|---|---|---:|---:|---:|---:|---:|:-:|"]
+                  "| contender | phase | median s | min–max s | GiB/s | stall s | warm-up s | peak extra MiB (kept) "
+                  "| restore ok |", "|---|---|---:|---:|---:|---:|---:|---:|:-:|"]
         for r in rows(record):
             ok = {True: "yes", False: "**NO**", None: ""}[r["restore_ok"]]
             lines.append(f"| {r['contender']} | {PHASE_TITLES.get(r['phase'], r['phase'])} | "
                          f"{_f(r['median'], '.3f')} | {_f(r['min'], '.3f')}–{_f(r['max'], '.3f')} | "
-                         f"{_f(r['gib_s'], '.2f')} | {_f(r['stall'], '.3f')} | {_f(r['peak_extra_mib'], '.0f')} | {ok} |")
+                         f"{_f(r['gib_s'], '.2f')} | {_f(r['stall'], '.3f')} | {_f(r['first'], '.2f')} | {_memory(r)} | {ok} |")
         errors = {n: m["error"] for n, m in record.get("memory", {}).items() if "error" in m}
         lines += [""] + [f"- memory child for {n} failed: `{e.splitlines()[-1] if e else e}`"
                          for n, e in errors.items()] + ([""] if errors else [])
@@ -181,7 +214,9 @@ def plot(result: dict, path: str):
     matplotlib.use("Agg")  # no display on bench machines
     import matplotlib.pyplot as plt
 
-    records = result["cpu"]
+    # GPU cases join the throughput panel as workloads of their own (they have no stall).
+    records = result["cpu"] + [{"label": f"GPU {w['label']}", "nbytes": w["nbytes"], "cases": w["cases"]}
+                               for w in (result.get("gpu") or {}).get("workloads", [])]
     names = list(dict.fromkeys(n for r in records for n in r["cases"]))
     stalls = [n for n in names if any(r["cases"].get(n, {}).get("stall") for r in records)]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(16, 0.35 * len(names) + 2.5), width_ratios=[3, 2])
@@ -189,10 +224,12 @@ def plot(result: dict, path: str):
     for i, r in enumerate(records):
         data = {x["contender"]: x for x in rows(r)}
         ys = [k + i * height for k in range(len(names))]
-        ax1.barh(ys, [data[n]["gib_s"] if n in data else 0 for n in names], height, label=r["label"])
+        bars = ax1.barh(ys, [data[n]["gib_s"] if n in data else 0 for n in names], height, label=r["label"])
+        ax1.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
         ys = [k + i * height for k in range(len(stalls))]
-        ax2.barh(ys, [data[n]["stall"] if n in data and data[n]["stall"] else 0 for n in stalls], height,
-                 label=r["label"])
+        bars = ax2.barh(ys, [data[n]["stall"] if n in data and data[n]["stall"] else 0 for n in stalls], height,
+                        label=r["label"])
+        ax2.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     for ax, labels, title in ((ax1, names, "throughput, GiB/s (model bytes / median time)"),
                               (ax2, stalls, "stall: seconds the caller is blocked (median)")):
         ax.set_yticks([k + 0.4 - height / 2 for k in range(len(labels))], labels, fontsize=8)
@@ -224,7 +261,7 @@ def write_all(result: dict, out_dir: str) -> dict[str, str]:
         json.dump(result, f, indent=1, default=str)
     with open(paths["md"], "w") as f:
         f.write(markdown(result))
-    if result["cpu"]:
+    if result["cpu"] or result.get("gpu"):
         plot(result, paths["png"])
     else:
         paths.pop("png")

@@ -1,0 +1,82 @@
+"""Smoke runs of the benches and the demo at a tiny size, so none of them rots. No timing asserts."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CPU_CONTENDERS = {
+    "gpusaver save", "gpusaver save_async", "gpusaver save_async snapshot=copy", "gpusaver save 2 shards",
+    "tf.compat.v1 Saver.save", "tf.train.Checkpoint.write", "tf.train.Checkpoint.write async",
+    "gpusaver save fsync=True", "tf.compat.v1 Saver.save + explicit fsync",
+    "gpusaver restore", "gpusaver restore 2 shards", "tf.compat.v1 Saver.restore", "tf.train.Checkpoint.read",
+    "limit: write", "limit: memcpy", "limit: write + fsync", "limit: read",
+}
+
+
+def _gpusaver(*args, timeout=600):
+    # A fresh interpreter: the test session has already configured TensorFlow's devices.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "gpusaver.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_bench_tiny_cpu(tmp_path):
+    out = tmp_path / "results"
+    proc = _gpusaver("bench", "--tiny", "--workloads", "mix", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    result = json.loads((out / "results.json").read_text())
+    assert (out / "results.png").stat().st_size > 0
+    md = (out / "results.md").read_text()
+    assert "| contender |" in md and "## Targets" in md
+    assert not (out / "scratch.tmp").exists()
+
+    (record,) = result["cpu"]
+    assert record["workload"] == "mix" and record["num_tensors"] > 100
+    assert CPU_CONTENDERS <= set(record["cases"])
+    for name, case in record["cases"].items():
+        assert len(case["runs"]) == 1 and case["runs"][0]["seconds"] > 0, name
+    for name in ("gpusaver save_async", "tf.train.Checkpoint.write async"):
+        assert 0 < record["cases"][name]["runs"][0]["return_s"] <= record["cases"][name]["runs"][0]["seconds"]
+    assert record["restore_correct"] and all(record["restore_correct"].values())
+    for name, mem in record["memory"].items():
+        assert "error" not in mem, (name, mem)
+        assert mem["peak_rss_bytes"] >= mem["baseline_rss_bytes"] > 0
+    assert {t["target"] for t in result["targets"]} == {
+        "save >= 2x tf.compat.v1 Saver.save", "restore >= 1.5x Saver.restore",
+        "save_async return <= 2% of TF sync save", "copy-mode peak extra <= budget + 64 MiB"}
+    assert result["machine"]["cpu_model"] and result["machine"]["versions"]["tensorflow"]
+    assert "PASS" in proc.stdout or "MISS" in proc.stdout
+
+
+def test_demo(tmp_path):
+    directory = tmp_path / "demo"
+    proc = _gpusaver("demo", str(directory))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK: restored 4 variables match" in proc.stdout
+    assert (directory / "model-1.index").exists() and (directory / "checkpoint").exists()
+
+
+def test_bench_rejects_unknown_workload(tmp_path):
+    from gpusaver.cli import main
+    with pytest.raises(SystemExit, match="unknown workload"):
+        main(["bench", "--tiny", "--workloads", "huge", "--out", str(tmp_path)])
+
+
+@pytest.mark.gpu
+def test_bench_tiny_gpu(cupy_gpu, tmp_path):
+    from gpusaver.bench import MiB, Workload
+    from gpusaver.bench.gpu import bench_gpu, markdown_lines
+
+    record = bench_gpu([Workload("mix", 4 * MiB, "float32", tiny=True)], runs=1, warmup=0,
+                       scratch=str(tmp_path / "scratch"), progress=lambda line: None)
+    (w,) = record["workloads"]
+    assert w["load_correct"]
+    assert set(w["cases"]) == {"gpusaver.save cuda", "raw pinned D2H", "gpusaver.load cuda:0", "raw pinned H2D"}
+    assert all(c["runs"][0]["seconds"] > 0 for c in w["cases"].values())
+    assert len(record["pack"]["cases"]) == 2
+    assert any("raw pinned D2H" in line for line in markdown_lines(record))
