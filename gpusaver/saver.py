@@ -118,9 +118,10 @@ class Saver:
     def restore(self, file_prefix: str, device_map: dict | None = None):
         """Restore every variable from the checkpoint at ``file_prefix``.
 
-        Each value is read (CRC-checked) and placed on its variable's device, or on
-        ``device_map[that device]`` (e.g. ``{"/GPU:0": "/GPU:1"}`` or ``{"/GPU:0": "/CPU:0"}``), then
-        assigned. The checkpoint may hold more tensors than the Saver. Raises CheckpointNotFoundError,
+        Each value is read (CRC-checked) and staged on its variable's device — uploaded straight
+        into GPU memory through CuPy where the variable is on a GPU — or on ``device_map[that
+        device]`` instead (e.g. ``{"/GPU:0": "/GPU:1"}``, or ``{"/GPU:0": "/CPU:0"}`` to stage on
+        the host and let TF upload), then assigned; TF copies it across if the two differ. The checkpoint may hold more tensors than the Saver. Raises CheckpointNotFoundError,
         MissingKeysError (listing all missing names), MismatchError (dtype/shape, naming the variable
         and both values) before any variable is changed; CorruptCheckpointError on a bad CRC.
         """
@@ -136,7 +137,7 @@ class Saver:
             targets = {name: tf_adapter.target_device(var, device_map) for name, var in self._vars.items()}
             requests = [(name, self._staging_device(targets[name], reader.dtype(name))) for name in self._vars]
             for name, value in core.load_iter(reader, requests, self._stager):
-                tf_adapter.assign(self._vars[name], value, targets[name])
+                tf_adapter.assign(self._vars[name], value)
 
     def _staging_device(self, target: Device, dtype) -> Device:
         """Upload through CuPy when the target is a GPU and CuPy is there; otherwise TF uploads."""

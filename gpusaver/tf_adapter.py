@@ -138,10 +138,6 @@ def target_device(var: tf.Variable, device_map: dict | None) -> Device:
     return own
 
 
-def tf_device_string(device: Device) -> str:
-    return f"/device:{'GPU' if device.is_cuda else 'CPU'}:{device.index}"
-
-
 def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     """A TF tensor over a restored host array, zero-copy through DLPack where TF allows.
 
@@ -158,16 +154,15 @@ def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
         return tf.convert_to_tensor(value, dtype=dtype)
 
 
-def assign(var: tf.Variable, value, device: Device):
-    """Assign a restored array (numpy or CuPy) to ``var``, materialising it on ``device`` first.
+def assign(var: tf.Variable, value):
+    """Assign a restored array (numpy, or CuPy already on its target GPU) to ``var``.
 
     The value's dtype and shape were checked against the variable (:func:`check_fits`), so the raw
     op is used: ``Variable.assign``'s Python layers cost ~200 µs a call, most of a small tensor's
-    restore.
+    restore. If the value is on another device than the variable, the op copies it across.
     """
-    with tf.device(tf_device_string(device)):
-        if hasattr(value, "__cuda_array_interface__"):
-            tensor = tf.experimental.dlpack.from_dlpack(value.toDlpack())
-        else:
-            tensor = _host_tensor(value, var.dtype)
-        tf.raw_ops.AssignVariableOp(resource=var.handle, value=tensor)
+    if hasattr(value, "__cuda_array_interface__"):
+        tensor = tf.experimental.dlpack.from_dlpack(value.toDlpack())
+    else:
+        tensor = _host_tensor(value, var.dtype)
+    tf.raw_ops.AssignVariableOp(resource=var.handle, value=tensor)

@@ -118,4 +118,6 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
         raise ValueError(f"CRCs must be 32-bit unsigned values, got {crc1}, {crc2}")
     if len2 < 0:
         raise ValueError(f"len2 must be >= 0 bytes, got {len2}")
+    if crc1 == 0:  # 0 · x^n = 0: the first chunk of every tensor skips the multiply
+        return crc2
     return gf_mul(x8n(len2), crc1) ^ crc2

@@ -118,9 +118,16 @@ class SaveJob:
                     if not put(("strings", item)):
                         return
                     continue
+                chunks = self._engine_for(item).chunks(item, cancel.is_set)
+                if item.nbytes <= self._options.effective_chunk:
+                    # One message per small tensor instead of begin/chunk/end: models have
+                    # thousands of them, and the queue hand-offs were most of their cost.
+                    if not put(("tensor", (item, list(chunks)))):
+                        return
+                    continue
                 if not put(("begin", item)):
                     return
-                for chunk in self._engine_for(item).chunks(item, cancel.is_set):
+                for chunk in chunks:
                     if not put(("chunk", chunk)):
                         chunk.release()
                         return
@@ -141,10 +148,17 @@ class SaveJob:
             while True:
                 kind, payload = staged.get()
                 if kind == "chunk":
+                    _write_chunk(shard, payload)
+                elif kind == "tensor":
+                    item, chunks = payload
                     try:
-                        shard.write(payload.data, payload.crc)
+                        shard.begin(item.name, item.dtype, item.shape)
+                        for chunk in chunks:
+                            shard.write(chunk.data, chunk.crc)
+                        shard.end()
                     finally:
-                        payload.release()
+                        for chunk in chunks:
+                            chunk.release()
                 elif kind == "begin":
                     shard.begin(payload.name, payload.dtype, payload.shape)
                 elif kind == "end":
@@ -162,6 +176,17 @@ class SaveJob:
                 kind, payload = staged.get_nowait()
                 if kind == "chunk":
                     payload.release()
+                elif kind == "tensor":
+                    for chunk in payload[1]:
+                        chunk.release()
+
+
+def _write_chunk(shard: ShardWriter, chunk: Chunk):
+    """Write one staged chunk and hand its buffer back to the pool, whatever happens."""
+    try:
+        shard.write(chunk.data, chunk.crc)
+    finally:
+        chunk.release()
 
 
 # --- load -------------------------------------------------------------------------------------
