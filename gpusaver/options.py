@@ -15,7 +15,9 @@ class Options:
             ``buffer_budget``. Default 16 MiB.
         num_shards: data files written in parallel, one thread each. 1 gives files byte-identical
             to TF's; more uses more cores. Default 1.
-        num_threads: reader threads on restore. Default 2.
+        num_threads: reader threads on restore. They spend most of their time in the kernel
+            (page-cache copies) with the GIL released, so more threads than cores help: on the
+            2-core bench machine 4 restored 1 GiB ~25% faster than 2. Default 4.
         snapshot: ``"reference"`` (default) holds the arrays it is given until written — for TF
             variables that is a copy-on-write snapshot, free until training assigns to a variable,
             after which the old value stays alive (at most one extra model copy) until written.
@@ -29,7 +31,7 @@ class Options:
     buffer_budget: int = 256 * MiB
     chunk_size: int = 16 * MiB
     num_shards: int = 1
-    num_threads: int = 2
+    num_threads: int = 4
     snapshot: str = "reference"
     fsync: bool = False
     pack_threshold: int = 64 * 1024
