@@ -11,7 +11,7 @@ from gpusaver.format import BundleReader, BundleWriter
 from gpusaver.format import snappy, state
 from gpusaver.format.naming import slice_key
 from gpusaver.format.proto import Entry, Extent, Header
-from gpusaver.format.table import TableBuilder, TableFormatError, read_table, short_successor, shortest_separator
+from gpusaver.format.table import TableBuilder, read_table, short_successor, shortest_separator
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import gpusaver
-from gpusaver.format import BundleReader, BundleWriter
+from gpusaver.format import BundleReader
 
 tf = pytest.importorskip("tensorflow")
 
