@@ -121,7 +121,8 @@ class Saver:
         Each value is read (CRC-checked) and staged on its variable's device — uploaded straight
         into GPU memory through CuPy where the variable is on a GPU — or on ``device_map[that
         device]`` instead (e.g. ``{"/GPU:0": "/GPU:1"}``, or ``{"/GPU:0": "/CPU:0"}`` to stage on
-        the host and let TF upload), then assigned; TF copies it across if the two differ. The checkpoint may hold more tensors than the Saver. Raises CheckpointNotFoundError,
+        the host and let TF upload), then assigned; TF copies it across if the two differ. The
+        checkpoint may hold more tensors than the Saver. Raises CheckpointNotFoundError,
         MissingKeysError (listing all missing names), MismatchError (dtype/shape, naming the variable
         and both values) before any variable is changed; CorruptCheckpointError on a bad CRC.
         """
@@ -134,8 +135,13 @@ class Saver:
             for name, var in self._vars.items():
                 entry = reader.entry(name)
                 tf_adapter.check_fits(name, var, entry.dtype, entry.shape)
-            targets = {name: tf_adapter.target_device(var, device_map) for name, var in self._vars.items()}
-            requests = [(name, self._staging_device(targets[name], reader.dtype(name))) for name in self._vars]
+            # Placement is per device, not per variable: thousands of variables share a few devices.
+            by_device: dict[str, Device] = {}
+            requests = []
+            for name, var in self._vars.items():
+                if var.device not in by_device:
+                    by_device[var.device] = tf_adapter.target_device(var, device_map)
+                requests.append((name, self._staging_device(by_device[var.device], reader.dtype(name))))
             for name, value in core.load_iter(reader, requests, self._stager):
                 tf_adapter.assign(self._vars[name], value)
 
