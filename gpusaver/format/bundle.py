@@ -374,19 +374,27 @@ class BundleReader:
         if mask(crc) != entry.crc32c:
             raise self.crc_error(name, entry, mask(crc))
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, allocate=None, chunk_size: int = 64 << 20) -> np.ndarray:
         """The tensor as a new numpy array (bytes objects for DT_STRING), CRC-checked; partitioned
-        tensors are assembled from their slices."""
-        return self._read(name, self.entry(name))
+        tensors are assembled from their slices.
 
-    def _read(self, name: str, entry: Entry) -> np.ndarray:
+        ``allocate(nbytes)``, if given, makes the uint8 buffer a numeric tensor is read into (e.g.
+        aligned memory another framework can adopt); it is called only after the tensor's extent
+        has been checked against the data file.
+        """
+        return self._read(name, self.entry(name), allocate, chunk_size)
+
+    def _read(self, name: str, entry: Entry, allocate=None, chunk_size: int = 64 << 20) -> np.ndarray:
         if entry.slices:
             return self._read_sliced(name, entry)
         dtype = enum_to_dtype(entry.dtype)
         self._check_extent(name, entry)  # before allocating anything sized from the index
         if dtype.kind != "O":
-            out = np.empty(entry.shape, dtype=dtype)
-            self._read_into(name, entry, byte_view(out))
+            if allocate is None:
+                out = np.empty(entry.shape, dtype=dtype)
+            else:
+                out = allocate(entry.size).view(dtype).reshape(entry.shape)
+            self._read_into(name, entry, byte_view(out), chunk_size)
             return out
         raw = bytearray(entry.size)
         self.pread_into(entry, name, memoryview(raw), 0)

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 
+from gpusaver.format.bundle import num_elements
 from gpusaver.staging.devices import Device
 
 
@@ -38,7 +39,7 @@ class SaveItem:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return num_elements(self.shape) * self.dtype.itemsize
 
 
 class CopyEngine(Protocol):

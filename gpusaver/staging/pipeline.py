@@ -191,23 +191,16 @@ def _write_chunk(shard: ShardWriter, chunk: Chunk):
 
 # --- load -------------------------------------------------------------------------------------
 def read_host(reader: BundleReader, name: str, chunk: int) -> np.ndarray:
-    """Read one tensor into a new host array (CRC-checked), sized only after the extent is checked."""
-    entry = reader.entry(name)
-    if entry.slices or reader.dtype(name).kind == "O":
-        return reader.read(name)
-    reader._check_extent(name, entry)  # before allocating a buffer sized from the index
-    dtype = reader.dtype(name)
-    # 64-byte aligned, so TF (via DLPack) and CUDA uploads take it without another copy.
-    out = aligned_empty(entry.size).view(dtype).reshape(entry.shape)
-    reader.read_into(name, out, chunk)
-    return out
+    """Read one tensor into a new host array (CRC-checked), 64-byte aligned so TF (via DLPack) and
+    CUDA uploads take it without another copy."""
+    return reader.read(name, allocate=aligned_empty, chunk_size=chunk)
 
 
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], options: Options,
               fetch: Callable[[str, Device], Any]) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, fetch(name, device))`` in request order; fetches run on reader threads.
 
-    Up to ``num_threads`` tensors are read ahead, as long as their bytes stay within
+    Up to ``2 * num_threads`` tensors are read ahead, as long as their bytes stay within
     ``buffer_budget`` (one tensor is always allowed, however large), so host memory holds at most
     the budget plus one tensor beyond what the consumer keeps.
     """
