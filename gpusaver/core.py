@@ -15,7 +15,7 @@ from gpusaver.staging import devices, pipeline
 from gpusaver.staging.devices import Device
 from gpusaver.staging.host import HostEngine, as_host_array
 from gpusaver.staging.io_types import SaveItem
-from gpusaver.staging.pool import BufferPool
+from gpusaver.staging.pool import BufferPool, aligned_empty
 
 
 class Stager:
@@ -55,15 +55,20 @@ class Stager:
             raise UnsupportedError(f"tensor {name!r}: {e}") from None
         return SaveItem(name, array, device, array.dtype, tuple(int(d) for d in array.shape))
 
-    def fetch(self, reader: BundleReader, name: str, device: Device):
-        """Read tensor ``name`` (CRC-checked) onto ``device``: numpy on the host, CuPy on a GPU."""
-        if not device.is_cuda:
-            return pipeline.read_host(reader, name, self.options.effective_chunk)
+    def fetch(self, reader: BundleReader, batch: list[tuple[str, Device]]) -> list:
+        """Read each (name, device) of ``batch`` (CRC-checked) onto its device: numpy arrays on the
+        host (64-byte aligned, so TF and CUDA uploads adopt them without a copy), CuPy on a GPU."""
+        host = [name for name, device in batch if not device.is_cuda]
+        values = iter(reader.read_many(host, allocate=aligned_empty))
+        return [self._fetch_cuda(reader, name, device) if device.is_cuda else next(values)
+                for name, device in batch]
+
+    def _fetch_cuda(self, reader: BundleReader, name: str, device: Device):
         entry = reader.entry(name)
         if reader.dtype(name).kind == "O":
             raise MismatchError(f"tensor {name!r} holds strings, which cannot live on {device}")
         if entry.slices:
-            return self.cuda().upload(pipeline.read_host(reader, name, self.options.effective_chunk), device)
+            return self.cuda().upload(reader.read(name, allocate=aligned_empty), device)
         return self.cuda().load(reader, name, entry, device)
 
 
@@ -101,9 +106,8 @@ def save(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = 
 
 
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], stager: Stager):
-    """Yield ``(name, array)`` for (name, device) requests in order; see :func:`pipeline.load_iter`."""
-    return pipeline.load_iter(reader, requests, stager.options,
-                              lambda name, device: stager.fetch(reader, name, device))
+    """Yield ``(name, array)`` for (name, device) requests, in file order; see :func:`pipeline.load_iter`."""
+    return pipeline.load_iter(reader, requests, stager.options, lambda batch: stager.fetch(reader, batch))
 
 
 def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",
@@ -126,4 +130,5 @@ def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",
         else:
             target = devices.parse(device)
             requests = [(n, target) for n in names]
-        return dict(load_iter(reader, requests, stager))
+        values = dict(load_iter(reader, requests, stager))
+        return {n: values[n] for n in names}

@@ -135,6 +135,43 @@ def test_truncated_data_file(tmp_path):
         r.read("a")
 
 
+def _mixed_tensors():
+    rng = np.random.default_rng(1)
+    return {"big": rng.random(300_000),  # 2.4 MB: more than one coalesced read
+            **{f"s{i:02d}": rng.integers(0, 100, size=i % 5 + 1, dtype=np.int32) for i in range(30)},
+            "text": np.array([b"ab", b""], dtype=object), "empty": np.zeros((0, 3), np.float32),
+            "tail": np.arange(7, dtype=np.int16)}
+
+
+def test_read_many_matches_read_whatever_the_order(tmp_path):
+    tensors = _mixed_tensors()
+    _write(tmp_path / "c", tensors)
+    names = list(tensors)
+    rng = np.random.default_rng(2)
+    with BundleReader(str(tmp_path / "c")) as r:
+        for order in (names, names[::-1], list(rng.permutation(names)), ["s03", "s03", "s04"]):
+            for name, value in zip(order, r.read_many(order)):
+                expected = tensors[name]
+                assert value.dtype == expected.dtype and value.shape == expected.shape, name
+                assert value.tolist() == expected.tolist(), name
+
+
+def test_read_many_names_the_corrupt_tensor_in_a_coalesced_run(tmp_path):
+    tensors = {f"s{i}": np.full(4, i, np.int64) for i in range(10)}
+    _write(tmp_path / "c", tensors)
+    path = tmp_path / "c.data-00000-of-00001"
+    raw = bytearray(path.read_bytes())
+    raw[6 * 32 + 3] ^= 0x01  # a byte of s6: each tensor is 32 bytes, written in order
+    path.write_bytes(raw)
+    with BundleReader(str(tmp_path / "c")) as r:
+        with pytest.raises(CorruptCheckpointError, match=r"CRC32C mismatch in tensor 's6'"):
+            r.read_many(list(tensors))
+        assert r.read_many(["s5", "s7"])[1].tolist() == [7] * 4
+        path.write_bytes(raw[:8 * 32 + 5])  # truncated inside s8
+    with BundleReader(str(tmp_path / "c")) as r, pytest.raises(CorruptCheckpointError, match="truncated"):
+        r.read_many(["s7", "s8", "s9"])
+
+
 def test_every_truncation_and_many_bit_flips_of_the_index_fail_cleanly(tmp_path):
     _write(tmp_path / "c", {f"t{i}": np.full(3, i) for i in range(40)})
     index = (tmp_path / "c.index").read_bytes()

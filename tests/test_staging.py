@@ -3,13 +3,16 @@ import filecmp
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import numpy as np
 import pytest
 
 import gpusaver
 from gpusaver.format import BundleReader
-from gpusaver.staging import devices
+from gpusaver import core
+from gpusaver.staging import devices, pipeline
 from gpusaver.staging.pool import BufferPool
 
 tf = pytest.importorskip("tensorflow")
@@ -73,6 +76,35 @@ def test_budget_smaller_than_largest_tensor(tmp_path):
     _check(str(tmp_path / "b"), {"big": big, "tiny": np.ones(1)})
     loaded = gpusaver.load(str(tmp_path / "b"), ["big"], options=opts)
     np.testing.assert_array_equal(loaded["big"], big)
+
+
+def test_load_reads_ahead_within_the_budget(tmp_path):
+    tensors = {f"t{i:02d}": np.full(64 * 1024, i, np.float32) for i in range(40)}  # 256 KiB each
+    tensors.update({f"s{i:03d}": np.full(10, i, np.int32) for i in range(300)})
+    gpusaver.save(str(tmp_path / "r"), tensors)
+    opts = gpusaver.Options(buffer_budget=MiB, num_threads=4)
+    stager = core.Stager(opts)
+    lock = threading.Lock()
+    held = {"now": 0, "peak": 0}  # bytes fetched and not yet consumed
+
+    def fetch(batch):
+        values = stager.fetch(reader, batch)
+        with lock:
+            held["now"] += sum(v.nbytes for v in values)
+            held["peak"] = max(held["peak"], held["now"])
+        return values
+
+    seen = []
+    with BundleReader(str(tmp_path / "r")) as reader:
+        requests = [(name, devices.Device("cpu", 0)) for name in reversed(tensors)]
+        for name, value in pipeline.load_iter(reader, requests, opts, fetch):
+            np.testing.assert_array_equal(value, tensors[name])
+            time.sleep(0.002)  # a slow consumer: the readers must wait for it, not run ahead
+            with lock:
+                held["now"] -= value.nbytes
+            seen.append(name)
+    assert sorted(seen) == sorted(tensors)
+    assert held["peak"] <= opts.buffer_budget + pipeline._BATCH_BYTES
 
 
 def test_pool_never_exceeds_budget():
@@ -172,7 +204,8 @@ def test_framework_neutral_api_without_tensorflow(tmp_path):
         import numpy as np, gpusaver
         arrays = {{"a": np.arange(10.0), "s": np.array(["x", "yz"]), "m": memoryview(b"abc")}}
         gpusaver.save({str(tmp_path / 'n')!r}, arrays)
-        out = gpusaver.load({str(tmp_path / 'n')!r}, keys=["a", "s"])
+        out = gpusaver.load({str(tmp_path / 'n')!r}, keys=["s", "a"])
+        assert list(out) == ["s", "a"]  # the order asked for, not the order in the file
         assert (out["a"] == np.arange(10.0)).all() and list(out["s"]) == [b"x", b"yz"]
         assert list(gpusaver.load({str(tmp_path / 'n')!r}, ["m"])["m"]) == [97, 98, 99]
         assert "tensorflow" not in sys.modules

@@ -23,6 +23,7 @@ from gpusaver.format.wire import crc32c, crc32c_combine, mask
 
 _WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large writes
 _MAX_SHARDS = 1 << 16
+_READ_PIECE = 1 << 20  # reads go in pieces this size (cache-sized: each is checksummed while hot)
 
 
 def byte_view(buf) -> memoryview:
@@ -336,10 +337,12 @@ class BundleReader:
 
     def pread_into(self, entry: Entry, name: str, view: memoryview, offset: int):
         """Fill ``view`` from the tensor's bytes starting ``offset`` bytes into it (GIL released)."""
-        fd = self._check_extent(name, entry)
+        self._pread(self._check_extent(name, entry), entry.offset + offset, view, entry, name)
+
+    def _pread(self, fd: int, position: int, view: memoryview, entry: Entry, name: str):
         pos, n = 0, len(view)
         while pos < n:
-            got = os.preadv(fd, [view[pos:]], entry.offset + offset + pos)
+            got = os.preadv(fd, [view[pos:]], position + pos)
             if got <= 0:
                 raise CorruptCheckpointError(f"{self.data_file(entry)}: unexpected end of file in {name!r}")
             pos += got
@@ -349,13 +352,17 @@ class BundleReader:
             f"{self.data_file(entry)}: CRC32C mismatch in tensor {name!r} "
             f"(index says {entry.crc32c:#010x}, data gives {found:#010x})")
 
-    def read_into(self, name: str, out, chunk_size: int = 64 << 20):
+    def _check_crc(self, name: str, entry: Entry, crc: int):
+        if mask(crc) != entry.crc32c:
+            raise self.crc_error(name, entry, mask(crc))
+
+    def read_into(self, name: str, out):
         """Fill ``out`` (a writable C-contiguous buffer of exactly the tensor's byte size) with the
         tensor, verifying its CRC32C. Raises MismatchError on a size mismatch and
         CorruptCheckpointError on a bad checksum."""
-        self._read_into(name, self.entry(name), byte_view(out), chunk_size)
+        self._read_into(name, self.entry(name), byte_view(out))
 
-    def _read_into(self, name: str, entry: Entry, view: memoryview, chunk_size: int = 64 << 20):
+    def _read_into(self, name: str, entry: Entry, view: memoryview):
         if entry.slices or entry.dtype == DataType.STRING:
             value = self._read(name, entry)
             if value.dtype.kind == "O":
@@ -366,15 +373,15 @@ class BundleReader:
             return
         if len(view) != entry.size:
             raise MismatchError(f"tensor {name!r}: buffer holds {len(view)} bytes, checkpoint has {entry.size}")
+        # Checksummed piece by piece, while each piece is still in the CPU cache.
         crc = 0
-        for start in range(0, entry.size, chunk_size):
-            chunk = view[start:start + chunk_size]
-            self.pread_into(entry, name, chunk, start)
-            crc = crc32c(chunk, crc)
-        if mask(crc) != entry.crc32c:
-            raise self.crc_error(name, entry, mask(crc))
+        for start in range(0, entry.size, _READ_PIECE):
+            piece = view[start:start + _READ_PIECE]
+            self.pread_into(entry, name, piece, start)
+            crc = crc32c(piece, crc)
+        self._check_crc(name, entry, crc)
 
-    def read(self, name: str, allocate=None, chunk_size: int = 64 << 20) -> np.ndarray:
+    def read(self, name: str, allocate=None) -> np.ndarray:
         """The tensor as a new numpy array (bytes objects for DT_STRING), CRC-checked; partitioned
         tensors are assembled from their slices.
 
@@ -382,9 +389,43 @@ class BundleReader:
         aligned memory another framework can adopt); it is called only after the tensor's extent
         has been checked against the data file.
         """
-        return self._read(name, self.entry(name), allocate, chunk_size)
+        return self._read(name, self.entry(name), allocate)
 
-    def _read(self, name: str, entry: Entry, allocate=None, chunk_size: int = 64 << 20) -> np.ndarray:
+    def read_many(self, names: list[str], allocate=None) -> list[np.ndarray]:
+        """``[read(name, allocate) for name in names]``, but each run of plain tensors that lie
+        back to back in one data file (up to ``_READ_PIECE`` bytes) is read with a single pread:
+        models have thousands of small tensors, and a read each was most of their cost.
+        """
+        entries = [self.entry(n) for n in names]
+        out = []
+        i = 0
+        while i < len(names):
+            j, end = i, entries[i].offset
+            while (j < len(names) and self._plain(entries[j]) and entries[j].shard_id == entries[i].shard_id
+                   and entries[j].offset == end and end + entries[j].size - entries[i].offset <= _READ_PIECE):
+                end += entries[j].size
+                j += 1
+            if j <= i + 1:
+                out.append(self._read(names[i], entries[i], allocate))
+                i += 1
+                continue
+            fd = self._check_extent(names[j - 1], entries[j - 1])
+            run = np.empty(end - entries[i].offset, dtype=np.uint8)
+            self._pread(fd, entries[i].offset, memoryview(run), entries[i], names[i])
+            for name, entry in zip(names[i:j], entries[i:j]):
+                piece = run[entry.offset - entries[i].offset:][:entry.size]
+                self._check_crc(name, entry, crc32c(piece))
+                value = np.empty(entry.size, dtype=np.uint8) if allocate is None else allocate(entry.size)
+                value[:] = piece
+                out.append(value.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
+            i = j
+        return out
+
+    @staticmethod
+    def _plain(entry: Entry) -> bool:
+        return not entry.slices and entry.dtype != DataType.STRING
+
+    def _read(self, name: str, entry: Entry, allocate=None) -> np.ndarray:
         if entry.slices:
             return self._read_sliced(name, entry)
         dtype = enum_to_dtype(entry.dtype)
@@ -394,7 +435,7 @@ class BundleReader:
                 out = np.empty(entry.shape, dtype=dtype)
             else:
                 out = allocate(entry.size).view(dtype).reshape(entry.shape)
-            self._read_into(name, entry, byte_view(out), chunk_size)
+            self._read_into(name, entry, byte_view(out))
             return out
         raw = bytearray(entry.size)
         self.pread_into(entry, name, memoryview(raw), 0)

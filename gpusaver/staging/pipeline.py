@@ -3,7 +3,7 @@
 Save: per data shard, a producer thread stages chunks (copy-out, checksum) into a bounded queue
 while the shard's writer thread writes the previous ones, so copy-out of chunk k+1 overlaps the
 write of chunk k. Load: reader threads fill host buffers (or device arrays via the engine) ahead of
-the consumer, within the byte budget, and results come back in request order.
+the consumer, within the byte budget, in data-file order; small tensors travel in batches.
 """
 import collections
 import concurrent.futures
@@ -12,17 +12,15 @@ import queue
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
-
 from gpusaver.format import strings
 from gpusaver.format.bundle import BundleReader, BundleWriter, ShardWriter
 from gpusaver.options import Options
 from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
-from gpusaver.staging.pool import aligned_empty
 
 _QUEUE_DEPTH = 64  # staged items a producer may run ahead (memory is bounded by the pool, not this)
 _DONE = ("done", None)
+_BATCH_BYTES = 1 << 20  # load: consecutive tensors up to this many bytes are read as one task
 
 
 def plan_shards(items: list[SaveItem], num_shards: int) -> list[list[SaveItem]]:
@@ -190,45 +188,56 @@ def _write_chunk(shard: ShardWriter, chunk: Chunk):
 
 
 # --- load -------------------------------------------------------------------------------------
-def read_host(reader: BundleReader, name: str, chunk: int) -> np.ndarray:
-    """Read one tensor into a new host array (CRC-checked), 64-byte aligned so TF (via DLPack) and
-    CUDA uploads take it without another copy."""
-    return reader.read(name, allocate=aligned_empty, chunk_size=chunk)
-
-
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], options: Options,
-              fetch: Callable[[str, Device], Any]) -> Iterator[tuple[str, Any]]:
-    """Yield ``(name, fetch(name, device))`` in request order; fetches run on reader threads.
+              fetch: Callable[[list[tuple[str, Device]]], list]) -> Iterator[tuple[str, Any]]:
+    """Yield ``(name, value)`` for every (name, device) request, in the order the tensors lie in
+    the checkpoint's data files (sequential reads); ``fetch(batch)`` runs on reader threads and
+    returns the batch's values.
 
-    Up to ``2 * num_threads`` tensors are read ahead, as long as their bytes stay within
-    ``buffer_budget`` (one tensor is always allowed, however large), so host memory holds at most
+    A batch is a run of consecutive tensors that together fit in ``_BATCH_BYTES``: models have
+    thousands of small tensors, and a thread-pool hand-off each cost twice the read itself.
+    Up to ``2 * num_threads`` batches are read ahead, as long as their bytes stay within
+    ``buffer_budget`` (one batch is always allowed, however large), so host memory holds at most
     the budget plus one tensor beyond what the consumer keeps.
     """
-    requests = list(requests)
-    inflight: collections.deque = collections.deque()
-    inflight_bytes = 0
+    def position(request):
+        e = reader.entry(request[0])
+        return e.shard_id, e.offset
 
     def size_of(name):
         e = reader.entry(name)
         return e.size if not e.slices else math.prod(e.shape) * max(reader.dtype(name).itemsize, 1)
 
+    batches: list[list[tuple[str, Device]]] = []
+    sizes: list[int] = []
+    for request in sorted(requests, key=position):
+        size = size_of(request[0])
+        if batches and sizes[-1] + size <= _BATCH_BYTES:
+            batches[-1].append(request)
+            sizes[-1] += size
+        else:
+            batches.append([request])
+            sizes.append(size)
+
+    inflight: collections.deque = collections.deque()
+    inflight_bytes = 0
     with concurrent.futures.ThreadPoolExecutor(options.num_threads, "gpusaver-read") as pool:
         nxt = 0
-        while nxt < len(requests) or inflight:
-            while nxt < len(requests) and len(inflight) < 2 * options.num_threads:
-                size = size_of(requests[nxt][0])
+        while nxt < len(batches) or inflight:
+            while nxt < len(batches) and len(inflight) < 2 * options.num_threads:
+                batch, size = batches[nxt], sizes[nxt]
                 if inflight and inflight_bytes + size > options.buffer_budget:
                     break
-                name, device = requests[nxt]
-                inflight.append((name, size, pool.submit(fetch, name, device)))
+                inflight.append((batch, size, pool.submit(fetch, batch)))
                 inflight_bytes += size
                 nxt += 1
-            name, size, fut = inflight.popleft()
+            batch, size, fut = inflight.popleft()
             inflight_bytes -= size
             try:
-                value = fut.result()
+                values = fut.result()
             except BaseException:
                 for _, _, f in inflight:
                     f.cancel()
                 raise
-            yield name, value
+            for (name, _), value in zip(batch, values):
+                yield name, value
