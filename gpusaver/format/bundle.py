@@ -400,20 +400,21 @@ class BundleReader:
         out = []
         i = 0
         while i < len(names):
-            j, end = i, entries[i].offset
-            while (j < len(names) and self._plain(entries[j]) and entries[j].shard_id == entries[i].shard_id
-                   and entries[j].offset == end and end + entries[j].size - entries[i].offset <= _READ_PIECE):
+            first = entries[i]
+            j, end = i, first.offset
+            while (j < len(names) and self._plain(entries[j]) and entries[j].shard_id == first.shard_id
+                   and entries[j].offset == end and end + entries[j].size - first.offset <= _READ_PIECE):
                 end += entries[j].size
                 j += 1
-            if j <= i + 1:
-                out.append(self._read(names[i], entries[i], allocate))
+            if j - i < 2:  # a lone or large tensor, strings or slices: the ordinary read
+                out.append(self._read(names[i], first, allocate))
                 i += 1
                 continue
-            fd = self._check_extent(names[j - 1], entries[j - 1])
-            run = np.empty(end - entries[i].offset, dtype=np.uint8)
-            self._pread(fd, entries[i].offset, memoryview(run), entries[i], names[i])
+            fd = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
+            run = np.empty(end - first.offset, dtype=np.uint8)
+            self._pread(fd, first.offset, memoryview(run), first, names[i])
             for name, entry in zip(names[i:j], entries[i:j]):
-                piece = run[entry.offset - entries[i].offset:][:entry.size]
+                piece = run[entry.offset - first.offset:][:entry.size]
                 self._check_crc(name, entry, crc32c(piece))
                 value = np.empty(entry.size, dtype=np.uint8) if allocate is None else allocate(entry.size)
                 value[:] = piece

@@ -1,5 +1,6 @@
 """Devices: TF device strings, DLPack device tuples and user shorthands → (kind, index)."""
 import dataclasses
+import functools
 import re
 
 _DLPACK_CPU, _DLPACK_CUDA, _DLPACK_CUDA_HOST = 1, 2, 3
@@ -37,7 +38,12 @@ def parse(device) -> Device:
         return device
     if device is None or device == "":
         return CPU
-    text = str(device).strip()
+    return _parse_text(str(device))
+
+
+@functools.lru_cache(maxsize=1024)  # a model's thousands of tensors share a few device strings
+def _parse_text(device: str) -> Device:
+    text = device.strip()
     lower = text.lower()
     if lower in ("cpu", "host"):
         return CPU

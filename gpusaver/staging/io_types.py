@@ -27,6 +27,11 @@ class Chunk:
     crc: int | None = None
     release: Callable[[], None] = _noop
 
+    @property
+    def holds_buffer(self) -> bool:
+        """Whether the chunk occupies a pool buffer until released (a zero-copy view does not)."""
+        return self.release is not _noop
+
 
 @dataclasses.dataclass(frozen=True)
 class SaveItem:

@@ -111,26 +111,46 @@ class SaveJob:
             for engine in engines.values():
                 if hasattr(engine, "plan"):  # e.g. CUDA: group small tensors for packing
                     engine.plan(items)
+            # Small tensors travel to the writer in batches instead of begin/chunk/end each: models
+            # have thousands of them, and the queue hand-offs were most of their cost. A batch
+            # holds no pool buffers (copy mode, CUDA), so staging never waits on a batch's buffers.
+            batch: list[tuple[SaveItem, list[Chunk]]] = []
+            batch_bytes = 0
+
+            def flush():
+                nonlocal batch, batch_bytes
+                sent = not batch or put(("tensors", batch))
+                batch, batch_bytes = [], 0
+                return sent
+
             for item in items:
                 if item.dtype.kind in "OSU":  # DT_STRING: encoded whole by the writer
-                    if not put(("strings", item)):
+                    if not (flush() and put(("strings", item))):
                         return
                     continue
                 chunks = self._engine_for(item).chunks(item, cancel.is_set)
-                if item.nbytes <= self._options.effective_chunk:
-                    # One message per small tensor instead of begin/chunk/end: models have
-                    # thousands of them, and the queue hand-offs were most of their cost.
-                    if not put(("tensor", (item, list(chunks)))):
+                if item.nbytes > _BATCH_BYTES:
+                    if not (flush() and put(("begin", item))):
+                        return
+                    for chunk in chunks:
+                        if not put(("chunk", chunk)):
+                            chunk.release()
+                            return
+                    if not put(("end", item)):
                         return
                     continue
-                if not put(("begin", item)):
-                    return
-                for chunk in chunks:
-                    if not put(("chunk", chunk)):
-                        chunk.release()
+                staged = (item, list(chunks))
+                if any(chunk.holds_buffer for chunk in staged[1]):
+                    if not (flush() and put(("tensors", [staged]))):
+                        _release(staged[1])
                         return
-                if not put(("end", item)):
+                    continue
+                if batch_bytes + item.nbytes > _BATCH_BYTES and not flush():
                     return
+                batch.append(staged)
+                batch_bytes += item.nbytes
+            if not flush():
+                return
             self._staged_one_shard()
             put(_DONE)
         except BaseException as e:
@@ -147,16 +167,16 @@ class SaveJob:
                 kind, payload = staged.get()
                 if kind == "chunk":
                     _write_chunk(shard, payload)
-                elif kind == "tensor":
-                    item, chunks = payload
+                elif kind == "tensors":
                     try:
-                        shard.begin(item.name, item.dtype, item.shape)
-                        for chunk in chunks:
-                            shard.write(chunk.data, chunk.crc)
-                        shard.end()
+                        for item, chunks in payload:
+                            shard.begin(item.name, item.dtype, item.shape)
+                            for chunk in chunks:
+                                shard.write(chunk.data, chunk.crc)
+                            shard.end()
                     finally:
-                        for chunk in chunks:
-                            chunk.release()
+                        for _, chunks in payload:
+                            _release(chunks)
                 elif kind == "begin":
                     shard.begin(payload.name, payload.dtype, payload.shape)
                 elif kind == "end":
@@ -174,9 +194,14 @@ class SaveJob:
                 kind, payload = staged.get_nowait()
                 if kind == "chunk":
                     payload.release()
-                elif kind == "tensor":
-                    for chunk in payload[1]:
-                        chunk.release()
+                elif kind == "tensors":
+                    for _, chunks in payload:
+                        _release(chunks)
+
+
+def _release(chunks: list[Chunk]):
+    for chunk in chunks:
+        chunk.release()
 
 
 def _write_chunk(shard: ShardWriter, chunk: Chunk):
