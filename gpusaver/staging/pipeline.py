@@ -20,7 +20,7 @@ from gpusaver.staging.io_types import Chunk, SaveItem
 
 _QUEUE_DEPTH = 64  # staged items a producer may run ahead (memory is bounded by the pool, not this)
 _DONE = ("done", None)
-_BATCH_BYTES = 1 << 20  # load: consecutive tensors up to this many bytes are read as one task
+_BATCH_BYTES = 1 << 20  # consecutive small tensors up to this many bytes: one writer message, one read task
 
 
 def plan_shards(items: list[SaveItem], num_shards: int) -> list[list[SaveItem]]:
