@@ -156,6 +156,21 @@ def test_read_many_matches_read_whatever_the_order(tmp_path):
                 assert value.tolist() == expected.tolist(), name
 
 
+def test_short_reads_continue_where_they_stopped(tmp_path, monkeypatch):
+    tensors = _mixed_tensors()
+    _write(tmp_path / "c", tensors)
+    real = os.preadv
+
+    def short_preadv(fd, buffers, offset):  # as a kernel may: a few bytes of the first buffer
+        return real(fd, [memoryview(buffers[0])[:7]], offset)
+
+    monkeypatch.setattr(os, "preadv", short_preadv)
+    with BundleReader(str(tmp_path / "c")) as r:
+        names = [n for n in tensors if n != "big"]
+        for name, value in zip(names, r.read_many(names)):
+            assert value.tolist() == tensors[name].tolist(), name
+
+
 def test_read_many_names_the_corrupt_tensor_in_a_coalesced_run(tmp_path):
     tensors = {f"s{i}": np.full(4, i, np.int64) for i in range(10)}
     _write(tmp_path / "c", tensors)

@@ -23,6 +23,7 @@ from gpusaver.format.wire import crc32c, crc32c_combine, mask
 
 _WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large writes
 _MAX_SHARDS = 1 << 16
+_IOV_MAX = 1024  # buffers per preadv (Linux's limit)
 _READ_PIECE = 1 << 20  # reads go in pieces this size (cache-sized: each is checksummed while hot)
 
 
@@ -337,15 +338,24 @@ class BundleReader:
 
     def pread_into(self, entry: Entry, name: str, view: memoryview, offset: int):
         """Fill ``view`` from the tensor's bytes starting ``offset`` bytes into it (GIL released)."""
-        self._pread(self._check_extent(name, entry), entry.offset + offset, view, entry, name)
+        self._preadv(self._check_extent(name, entry), entry.offset + offset, [view], entry, name)
 
-    def _pread(self, fd: int, position: int, view: memoryview, entry: Entry, name: str):
-        pos, n = 0, len(view)
-        while pos < n:
-            got = os.preadv(fd, [view[pos:]], position + pos)
+    def _preadv(self, fd: int, position: int, views: list[memoryview], entry: Entry, name: str):
+        """Fill ``views`` in turn from the file bytes at ``position`` (one scatter read, if the
+        kernel allows: short reads continue where they stopped)."""
+        views = [v for v in views if len(v)]
+        while views:
+            got = os.preadv(fd, views[:_IOV_MAX], position)
             if got <= 0:
                 raise CorruptCheckpointError(f"{self.data_file(entry)}: unexpected end of file in {name!r}")
-            pos += got
+            position += got
+            done = 0
+            while done < len(views) and got >= len(views[done]):
+                got -= len(views[done])
+                done += 1
+            views = views[done:]
+            if got:
+                views[0] = views[0][got:]
 
     def crc_error(self, name: str, entry: Entry, found: int) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -393,8 +403,9 @@ class BundleReader:
 
     def read_many(self, names: list[str], allocate=None) -> list[np.ndarray]:
         """``[read(name, allocate) for name in names]``, but each run of plain tensors that lie
-        back to back in one data file (up to ``_READ_PIECE`` bytes) is read with a single pread:
-        models have thousands of small tensors, and a read each was most of their cost.
+        back to back in one data file (up to ``_READ_PIECE`` bytes) is read with one scatter read
+        into their buffers: models have thousands of small tensors, and a read each was most of
+        their cost.
         """
         entries = [self.entry(n) for n in names]
         out = []
@@ -411,13 +422,11 @@ class BundleReader:
                 i += 1
                 continue
             fd = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
-            run = np.empty(end - first.offset, dtype=np.uint8)
-            self._pread(fd, first.offset, memoryview(run), first, names[i])
-            for name, entry in zip(names[i:j], entries[i:j]):
-                piece = run[entry.offset - first.offset:][:entry.size]
-                self._check_crc(name, entry, crc32c(piece))
-                value = np.empty(entry.size, dtype=np.uint8) if allocate is None else allocate(entry.size)
-                value[:] = piece
+            values = [np.empty(e.size, dtype=np.uint8) if allocate is None else allocate(e.size)
+                      for e in entries[i:j]]
+            self._preadv(fd, first.offset, [memoryview(v) for v in values], first, names[i])
+            for name, entry, value in zip(names[i:j], entries[i:j], values):
+                self._check_crc(name, entry, crc32c(value))
                 out.append(value.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
             i = j
         return out

@@ -30,7 +30,7 @@ def parse_fields(buf, start: int = 0, end: int | None = None):
     ``value`` is an int for varint/fixed fields and a memoryview for length-delimited ones.
     Raises ValueError on any malformed or truncated input.
     """
-    buf = memoryview(buf)
+    buf = bytes(buf) if isinstance(buf, memoryview) and buf.nbytes <= 4096 else memoryview(buf)  # bytes index faster
     end = len(buf) if end is None else end
     pos = start
     while pos < end:

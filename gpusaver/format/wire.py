@@ -4,15 +4,21 @@ import operator
 import struct
 
 import crc32c as _crc32c
+import numpy as np
 
 # LevelDB masks stored CRCs so that a CRC of data that itself contains CRCs does not degenerate.
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
 
 
+_GIL_RELEASE_BYTES = 512 << 10  # below this the checksum (~25 us) is cheaper than a GIL hand-off
+
+
 def crc32c(data, value: int = 0) -> int:
-    """CRC-32C of any buffer, extending ``value``; the GIL is released for large buffers."""
-    return _crc32c.crc32c(data, value)
+    """CRC-32C of any buffer, extending ``value``; the GIL is released for large buffers only:
+    releasing it for each of thousands of small tensors made the threads queue for it."""
+    nbytes = data.nbytes if isinstance(data, (memoryview, np.ndarray)) else len(data)
+    return _crc32c.crc32c(data, value, gil_release_mode=int(nbytes >= _GIL_RELEASE_BYTES))
 
 
 def mask(crc: int) -> int:
@@ -43,6 +49,8 @@ def decode_varint(buf, pos: int, limit: int, max_bytes: int = 10) -> tuple[int, 
 
     Raises ValueError on truncation or an over-long varint (garbage never loops or allocates).
     """
+    if pos < limit and buf[pos] < 0x80:  # one byte: most keys, lengths, dtypes and dims
+        return buf[pos], pos + 1
     result = 0
     shift = 0
     for i in range(max_bytes):
