@@ -193,6 +193,17 @@ def test_restore_onto_own_and_mapped_logical_devices(tmp_path):
     assert "CPU:1" in a.device and "CPU:2" in b.device
 
 
+def test_snapshot_of_many_variables_over_devices_keeps_order_and_placement():
+    from gpusaver import tf_adapter
+    vs = []
+    for i in range(700):  # several read groups per device, mixed dtypes within a group
+        with tf.device(f"/CPU:{i % 2 + 1}"):
+            vs.append(tf.Variable(i, dtype=tf.int64 if i % 3 else tf.float32))
+    values = tf_adapter.SnapshotReader(vs)()
+    assert [int(v.numpy()) for v in values] == list(range(700))
+    assert all(v.dtype == var.dtype and v.device == var.device for v, var in zip(values, vs))
+
+
 def test_framework_neutral_api_without_tensorflow(tmp_path):
     code = textwrap.dedent(f"""
         import sys
