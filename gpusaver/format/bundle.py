@@ -341,8 +341,8 @@ class BundleReader:
         self._preadv(self._check_extent(name, entry), entry.offset + offset, [view], entry, name)
 
     def _preadv(self, fd: int, position: int, views: list[memoryview], entry: Entry, name: str):
-        """Fill ``views`` in turn from the file bytes at ``position`` (one scatter read, if the
-        kernel allows: short reads continue where they stopped)."""
+        """Fill ``views`` (flat byte memoryviews) in turn from the file bytes at ``position``: one
+        scatter read if the kernel allows; short reads continue where they stopped."""
         views = [v for v in views if len(v)]
         while views:
             got = os.preadv(fd, views[:_IOV_MAX], position)
