@@ -39,6 +39,11 @@ def byte_view(buf) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+def _new_buffer(entry: Entry, allocate=None) -> np.ndarray:
+    """The uint8 buffer a numeric tensor is read into: ``allocate(nbytes)`` if given."""
+    return np.empty(entry.size, dtype=np.uint8) if allocate is None else allocate(entry.size)
+
+
 def num_elements(shape) -> int:
     return math.prod(shape)
 
@@ -362,7 +367,9 @@ class BundleReader:
             f"{self.data_file(entry)}: CRC32C mismatch in tensor {name!r} "
             f"(index says {entry.crc32c:#010x}, data gives {found:#010x})")
 
-    def _check_crc(self, name: str, entry: Entry, crc: int):
+    def check_crc(self, name: str, entry: Entry, crc: int):
+        """Raise CorruptCheckpointError naming tensor and file unless ``crc`` (the CRC32C of the
+        tensor's bytes, unmasked) matches the index."""
         if mask(crc) != entry.crc32c:
             raise self.crc_error(name, entry, mask(crc))
 
@@ -373,7 +380,7 @@ class BundleReader:
         self._read_into(name, self.entry(name), byte_view(out))
 
     def _read_into(self, name: str, entry: Entry, view: memoryview):
-        if entry.slices or entry.dtype == DataType.STRING:
+        if not self._plain(entry):
             value = self._read(name, entry)
             if value.dtype.kind == "O":
                 raise MismatchError(f"tensor {name!r} holds strings; use read()")
@@ -389,7 +396,7 @@ class BundleReader:
             piece = view[start:start + _READ_PIECE]
             self.pread_into(entry, name, piece, start)
             crc = crc32c(piece, crc)
-        self._check_crc(name, entry, crc)
+        self.check_crc(name, entry, crc)
 
     def read(self, name: str, allocate=None) -> np.ndarray:
         """The tensor as a new numpy array (bytes objects for DT_STRING), CRC-checked; partitioned
@@ -422,12 +429,11 @@ class BundleReader:
                 i += 1
                 continue
             fd = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
-            values = [np.empty(e.size, dtype=np.uint8) if allocate is None else allocate(e.size)
-                      for e in entries[i:j]]
-            self._preadv(fd, first.offset, [memoryview(v) for v in values], first, names[i])
-            for name, entry, value in zip(names[i:j], entries[i:j], values):
-                self._check_crc(name, entry, crc32c(value))
-                out.append(value.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
+            buffers = [_new_buffer(e, allocate) for e in entries[i:j]]
+            self._preadv(fd, first.offset, [memoryview(b) for b in buffers], first, names[i])
+            for name, entry, buf in zip(names[i:j], entries[i:j], buffers):
+                self.check_crc(name, entry, crc32c(buf))
+                out.append(buf.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
             i = j
         return out
 
@@ -441,12 +447,9 @@ class BundleReader:
         dtype = enum_to_dtype(entry.dtype)
         self._check_extent(name, entry)  # before allocating anything sized from the index
         if dtype.kind != "O":
-            if allocate is None:
-                out = np.empty(entry.shape, dtype=dtype)
-            else:
-                out = allocate(entry.size).view(dtype).reshape(entry.shape)
-            self._read_into(name, entry, byte_view(out))
-            return out
+            buf = _new_buffer(entry, allocate)
+            self._read_into(name, entry, memoryview(buf))
+            return buf.view(dtype).reshape(entry.shape)
         raw = bytearray(entry.size)
         self.pread_into(entry, name, memoryview(raw), 0)
         try:

@@ -27,10 +27,10 @@ def _varint_field(field: int, value: int) -> bytes:
 def parse_fields(buf, start: int = 0, end: int | None = None):
     """Yield (field, wire_type, value) for each field of a message in ``buf[start:end]``.
 
-    ``value`` is an int for varint/fixed fields and a memoryview for length-delimited ones.
+    ``value`` is an int for varint/fixed fields and bytes for length-delimited ones.
     Raises ValueError on any malformed or truncated input.
     """
-    buf = bytes(buf) if isinstance(buf, memoryview) and buf.nbytes <= 4096 else memoryview(buf)  # bytes index faster
+    buf = bytes(buf)  # messages are small; indexing bytes is faster than a memoryview
     end = len(buf) if end is None else end
     pos = start
     while pos < end:

@@ -14,7 +14,6 @@ import threading
 import numpy as np
 
 from gpusaver.format.proto import Entry
-from gpusaver.format.wire import mask
 from gpusaver.options import Options
 from gpusaver.staging import kernels
 from gpusaver.staging.devices import Device
@@ -178,9 +177,7 @@ class CudaEngine:
                 for event, buf in in_flight:
                     event.synchronize()
                     self._pool.release(buf)
-            found = mask(kernels.device_crc32c(flat, stream=copy_stream))
-        if found != entry.crc32c:
-            raise reader.crc_error(name, entry, found)
+            reader.check_crc(name, entry, kernels.device_crc32c(flat, stream=copy_stream))
         return out
 
     def upload(self, host: np.ndarray, device: Device):

@@ -7,13 +7,12 @@ the consumer, within the byte budget, in data-file order; small tensors travel i
 """
 import collections
 import concurrent.futures
-import math
 import queue
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
 from gpusaver.format import strings
-from gpusaver.format.bundle import BundleReader, BundleWriter, ShardWriter
+from gpusaver.format.bundle import BundleReader, BundleWriter, ShardWriter, num_elements
 from gpusaver.options import Options
 from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
@@ -231,7 +230,7 @@ def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], opti
 
     def size_of(name):
         e = reader.entry(name)
-        return e.size if not e.slices else math.prod(e.shape) * max(reader.dtype(name).itemsize, 1)
+        return e.size if not e.slices else num_elements(e.shape) * max(reader.dtype(name).itemsize, 1)
 
     batches: list[list[tuple[str, Device]]] = []
     sizes: list[int] = []
