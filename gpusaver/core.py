@@ -33,7 +33,7 @@ class Stager:
 
     def cuda(self):
         if self._cuda is None:
-            from gpusaver.staging.cuda import CudaEngine  # imports CuPy; only when a GPU array appears
+            from gpusaver.staging.cuda.engine import CudaEngine  # imports CuPy; only when a GPU array appears
             self._cuda = CudaEngine(self.options)
         return self._cuda
 

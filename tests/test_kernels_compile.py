@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from gpusaver.staging.kernels import _KERNELS, kernel_sources
+from gpusaver.staging.cuda.kernels import _KERNELS, kernel_sources
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
 
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels"
 SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
 ARCHES = ["sm_80", "sm_90"]
-OPTIONS = ["-std=c++14"]  # what gpusaver.staging.kernels hands CuPy
+OPTIONS = ["-std=c++14"]  # what gpusaver.staging.cuda.kernels hands CuPy
 KERNEL_NAME = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)')
 

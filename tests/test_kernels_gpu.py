@@ -5,8 +5,8 @@ import crc32c
 import numpy as np
 import pytest
 
-from gpusaver.staging import crc as C
-from gpusaver.staging import kernels as K
+from gpusaver.staging.cuda import crc as C
+from gpusaver.staging.cuda import kernels as K
 
 pytestmark = pytest.mark.gpu
 

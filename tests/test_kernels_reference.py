@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpusaver.staging import crc as C
-from gpusaver.staging.kernels import kernel_sources
+from gpusaver.staging.cuda import crc as C
+from gpusaver.staging.cuda.kernels import kernel_sources
 
 SIZES = [0, 1, 7, 15, 16, 17, 255, 4095, 4096, 4097, 65537, (1 << 20) + 3]
 SEGMENTS = [1, 3, 16, 17, 4095, 4096, 4097, 65536, 1 << 20]

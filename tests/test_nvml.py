@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from gpusaver import nvml
+from gpusaver.bench import nvml
 
 
 def test_device_info_returns_a_list():

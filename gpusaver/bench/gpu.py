@@ -107,7 +107,7 @@ def _pack_cases(cupy, directory: str) -> list[Case]:
 def _link() -> tuple[list[dict], float | None]:
     try:  # NVML facts are advisory; a missing module or driver is not a bench failure
         import dataclasses
-        from gpusaver import nvml
+        from gpusaver.bench import nvml
         infos = [dataclasses.asdict(g) if dataclasses.is_dataclass(g) else dict(g) for g in nvml.device_info()]
     except Exception as e:
         return [{"error": f"{type(e).__name__}: {e}"}], None

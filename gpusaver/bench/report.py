@@ -56,7 +56,7 @@ def _disk(path: str) -> dict:
 
 def _gpus() -> list[dict]:
     try:  # NVML support is optional and may not be installed or written yet
-        from gpusaver import nvml
+        from gpusaver.bench import nvml
         return [dataclasses.asdict(g) if dataclasses.is_dataclass(g) else dict(g) for g in nvml.device_info()]
     except Exception as e:  # advisory only: a report without GPU facts is still a report
         return [{"error": f"{type(e).__name__}: {e}"}]

@@ -43,8 +43,8 @@ def _kernel_dir() -> Path:
     """Where the .cu files are: inside the package (wheels ship them as gpusaver/kernels/),
     else the source checkout's top-level kernels/."""
     candidates = (
-        Path(__file__).resolve().parents[1] / "kernels",
         Path(__file__).resolve().parents[2] / "kernels",
+        Path(__file__).resolve().parents[3] / "kernels",
     )
     for d in candidates:
         if all((d / f"{stem}.cu").is_file() for stem in _KERNELS):
@@ -189,7 +189,7 @@ def _check_same_device(arrays, device, what: str) -> None:
 def pack(device_arrays: Sequence, out=None, *, align: int = 16, stream=None):
     """Gather device arrays into one contiguous uint8 device buffer (``pack_gather``).
 
-    Layout is :func:`gpusaver.staging.crc.pack_layout` of the arrays' byte sizes: each array
+    Layout is :func:`gpusaver.staging.cuda.crc.pack_layout` of the arrays' byte sizes: each array
     starts at a multiple of ``align`` bytes. A buffer allocated here has zero padding; an
     ``out`` given keeps whatever its padding bytes held. Inputs are not modified.
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from gpusaver.format.proto import Entry
 from gpusaver.options import Options
-from gpusaver.staging import kernels
+from gpusaver.staging.cuda import kernels
 from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
 from gpusaver.staging.pool import BufferPool
