@@ -50,6 +50,7 @@ class Saver:
         tf_adapter.require_eager("__init__")
         self._vars = tf_adapter.name_variables(var_list)
         self._read_all = tf_adapter.SnapshotReader(list(self._vars.values()))
+        self._on_gpu = any(tf_adapter.device_of(v).is_cuda for v in self._vars.values())
         self._options = options or Options()
         self._stager = core.Stager(self._options)
         self._max_to_keep = max_to_keep
@@ -83,8 +84,15 @@ class Saver:
             self.wait(raise_errors=False)
             # Holding the tensors is the snapshot; turning them into arrays happens in the background.
             tensors = dict(zip(self._vars, self._read_all()))
+            if self._on_gpu:
+                # GPU buffers go to CuPy through TF's stream-less DLPack export, which is only
+                # ordered once TF's device work is done: wait for it once, here, then take the
+                # capsules on this thread while the devices are idle (see export_gpu).
+                tf_adapter.sync_devices()
+                tensors = {name: tf_adapter.export_gpu(t) for name, t in tensors.items()}
             future = core.save_async(prefix, tensors, self._options, stager=self._stager,
-                                     on_done=self._commit, to_array=tf_adapter.as_array)
+                                     on_done=self._commit, to_array=tf_adapter.as_array,
+                                     copy_on_write=True)
             self._inflight = future
         return future
 

@@ -1,7 +1,18 @@
 """TensorFlow (and Keras 3) adapter: naming rules, variable ↔ array, device strings, assign.
 
 The only module besides ``saver.py`` that imports TensorFlow.
+
+GPU tensors cross to CuPy and back through DLPack capsules, with two TF 2.21 rules in mind:
+``EagerTensor.__dlpack__`` refuses a stream (so TF's device work is waited for before its capsules
+are taken) and ``tf.experimental.dlpack.from_dlpack`` takes only legacy ``"dltensor"`` capsules.
+And TF numbers a capsule's CUDA device by its own logical index (``/GPU:n`` → device_id n, both
+ways), which is not the CUDA ordinal under ``tf.config.set_visible_devices`` or virtual devices:
+capsules are renumbered in place where the two differ (:func:`cuda_ordinals`).
 """
+import ctypes
+import functools
+import logging
+
 import ml_dtypes
 import numpy as np
 import tensorflow as tf
@@ -11,6 +22,9 @@ from gpusaver.errors import MismatchError
 from gpusaver.format.dtypes import enum_to_dtype
 from gpusaver.staging import devices
 from gpusaver.staging.devices import Device
+
+logger = logging.getLogger("gpusaver")
+_DLPACK_CUDA = 2
 
 
 def require_eager(what: str):
@@ -100,17 +114,90 @@ class SnapshotReader:
         return out
 
 
-def as_array(value: tf.Tensor):
-    """A tensor as an array the core can stage, without copying it where TF allows.
+def sync_devices():
+    """Block until the work TF has queued on its devices (GPUs included) is done.
+
+    The GPU tensors of a snapshot are then complete, so their stream-less DLPack capsules
+    (:func:`export_gpu`) may be read on any stream. ``tf.test.experimental.sync_devices``
+    (TF >= 2.14) does this; without it, one host read per GPU waits for TF's compute streams.
+    Raises RuntimeError outside eager execution (inside a ``tf.function``).
+    """
+    sync = getattr(getattr(tf.test, "experimental", None), "sync_devices", None)
+    if sync is not None:
+        sync()
+        return
+    context.async_wait()
+    for device in tf.config.list_logical_devices("GPU"):
+        with tf.device(device.name):
+            # A device-to-host copy is ordered after everything queued on the device's compute stream.
+            (tf.zeros([]) + 1.0).numpy()
+
+
+class _Exported:
+    """A GPU tensor's DLPack capsule, taken by :func:`export_gpu`, numbered by CUDA ordinal.
+
+    Holding the capsule holds the tensor's buffer (TF's capsule keeps a reference to it). Any
+    ``stream`` is accepted and ignored: TF's work on the buffer finished before the capsule was
+    taken, so there is nothing to order against; a legacy capsule answers any ``max_version``.
+    """
+    __slots__ = ("_capsule", "_ordinal")
+
+    def __init__(self, capsule, ordinal: int):
+        self._capsule, self._ordinal = capsule, ordinal
+
+    def __dlpack_device__(self):
+        return (_DLPACK_CUDA, self._ordinal)
+
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy or (dl_device is not None and tuple(dl_device) != self.__dlpack_device__()):
+            raise BufferError("a TF tensor's exported capsule can only be shared where it lives")
+        return self._capsule
+
+
+def export_gpu(value):
+    """A snapshot tensor ready for the save thread: GPU tensors become their DLPack capsules
+    (numbered by CUDA ordinal); anything else is returned as it is.
+
+    Call on the caller's thread, after :func:`sync_devices`. TF's capsule export synchronises the
+    tensor's device holding the GIL (``TFE_TensorHandleDevicePointer`` calls ``Device::Sync``), so
+    on the save thread each export would wait for whatever training has queued since, and stall
+    every Python thread meanwhile; here, right after the sync, each export finds the device idle
+    (TF's call costs ~1.5 µs a tensor on the CPU, plus an idle device's sync on a GPU). Tensors
+    whose GPU TF cannot number for CUDA (see :func:`logical_cuda_ordinals`) or whose dtype TF
+    cannot export are copied to the host by TF.
+    """
+    if value.dtype == tf.string:  # strings live in host memory whatever the device says
+        return value
+    dev_type, tf_index = value.__dlpack_device__()
+    if dev_type != _DLPACK_CUDA:
+        return value
+    ordinal = cuda_ordinal(tf_index)
+    if ordinal is not None:
+        try:
+            capsule = value.__dlpack__()
+        except tf.errors.OpError:  # a dtype this TF's DLPack export refuses
+            pass
+        else:
+            if ordinal != tf_index:
+                _dl_device(capsule)[1] = ordinal
+            return _Exported(capsule, ordinal)
+    with tf.device("/CPU:0"):
+        return tf.identity(value)
+
+
+def as_array(value):
+    """A snapshot value as an array the core can stage, without copying it where TF allows.
 
     CPU tensors become zero-copy numpy views (DLPack; bfloat16 through a bitcast, since numpy's
-    DLPack knows no bfloat16); GPU tensors stay TF tensors, which the core imports by DLPack.
-    Strings are copied (TF stores them as C++ objects).
+    DLPack knows no bfloat16); GPU tensors exported by :func:`export_gpu` pass as they are (the
+    core imports them into CuPy by DLPack). Strings are copied (TF stores them as C++ objects).
     """
-    if devices.parse(value.device).is_cuda:
+    if isinstance(value, _Exported):
         return value
     if value.dtype == tf.string:
         return value.numpy()
+    if devices.parse(value.device).is_cuda:  # not exported: the core's DLPack import handles it
+        return value
     if value.dtype == tf.bfloat16:
         return np.from_dlpack(tf.bitcast(value, tf.uint16)).view(ml_dtypes.bfloat16)
     try:
@@ -134,15 +221,117 @@ def device_of(var: tf.Variable) -> Device:
     return devices.parse(var.device or "cpu")
 
 
+def cuda_ordinals(physical_gpus, logical_configs) -> tuple[int, ...]:
+    """The CUDA ordinal behind each of TF's logical GPUs: ``result[n]`` is ``/GPU:n``'s.
+
+    Args:
+        physical_gpus: names of the physical GPUs TF uses (``tf.config.get_visible_devices("GPU")``),
+            ``"/physical_device:GPU:k"``, where k is the CUDA ordinal (as ``CUDA_VISIBLE_DEVICES``
+            left them), in any order.
+        logical_configs: for each of them, None or a list of logical device configurations
+            (``tf.config.get_logical_device_configuration``): one logical GPU each.
+
+    TF numbers logical GPUs physical GPU by physical GPU in CUDA order (whatever the order given
+    to ``set_visible_devices``), each physical GPU's virtual devices in list order, an unconfigured
+    or empty-configured one as one device; virtual devices given an
+    ``experimental_device_ordinal`` are sorted by it first (0 where not given), ties kept in that
+    order (TF's ``BaseGPUDeviceFactory::CreateDevices``). Raises ValueError for a name that is not
+    a physical GPU's, or when the two lists differ in length.
+    """
+    specs = []  # (device ordinal, position, CUDA ordinal)
+    for k, configs in sorted(((_physical_index(name), configs)
+                              for name, configs in zip(physical_gpus, logical_configs, strict=True)),
+                             key=lambda pair: pair[0]):
+        for config in configs or [None]:
+            order = getattr(config, "experimental_device_ordinal", None) or 0
+            specs.append((order, len(specs), k))
+    return tuple(k for _, _, k in sorted(specs))
+
+
+def _physical_index(name: str) -> int:
+    kind, _, index = name.rpartition(":")
+    if not kind.upper().endswith("GPU") or not index.isdigit():
+        raise ValueError(f"not a physical GPU device name: {name!r} (expected '/physical_device:GPU:k')")
+    return int(index)
+
+
+@functools.lru_cache(maxsize=1)
+def logical_cuda_ordinals() -> tuple[int, ...] | None:
+    """:func:`cuda_ordinals` for this process's TF configuration, read once: () without GPUs.
+
+    None (logged once) when TF made a different number of GPUs than its configuration implies
+    (it skips GPUs it cannot use, e.g. of too low a compute capability): TF's numbering is then
+    unknown, and GPU values go through the host, TF copying them across.
+    """
+    made = context.context().num_gpus()  # initialises TF's devices: their configuration is final
+    physical = tf.config.get_visible_devices("GPU")
+    ordinals = cuda_ordinals([d.name for d in physical],
+                             [tf.config.get_logical_device_configuration(d) for d in physical])
+    if len(ordinals) != made:
+        logger.warning("TensorFlow made %d GPU device(s) from a configuration implying %d; GPU values "
+                       "will be staged through host memory", made, len(ordinals))
+        return None
+    return ordinals
+
+
+def cuda_ordinal(tf_index: int) -> int | None:
+    """The CUDA ordinal of TF's ``/GPU:<tf_index>``; None where TF's numbering is unknown or
+    TF has no such GPU."""
+    ordinals = logical_cuda_ordinals()
+    if ordinals is None or not 0 <= tf_index < len(ordinals):
+        return None
+    return ordinals[tf_index]
+
+
+def _tf_index(ordinal: int, prefer: Device) -> int:
+    """TF's logical index for memory on CUDA device ``ordinal``: ``prefer``'s where it is on that
+    GPU (several virtual devices may share it), else the first on it, else ``ordinal`` itself."""
+    ordinals = logical_cuda_ordinals() or ()
+    if prefer.is_cuda and prefer.index < len(ordinals) and ordinals[prefer.index] == ordinal:
+        return prefer.index
+    return ordinals.index(ordinal) if ordinal in ordinals else ordinal
+
+
 def target_device(var: tf.Variable, device_map: dict | None) -> Device:
-    """Where ``var``'s restored value is placed: ``device_map`` applied to its device (keys and values
-    are any device spelling: "/GPU:0", "cuda:0", a full TF string), else the variable's own device."""
+    """Where ``var``'s restored value is staged: ``device_map`` applied to its device, else the
+    variable's own device.
+
+    Keys and values are any device spelling ("/GPU:0", "cuda:0", a full TF string); their numbers
+    are TF's (logical ``/GPU:n``). A GPU becomes the CUDA device behind it (index: CUDA ordinal;
+    name: TF's spelling), or the host where TF's numbering is unknown. Raises ValueError for a GPU
+    TF does not have.
+    """
     own = device_of(var)
+    target = own
     for src, dst in (device_map or {}).items():
         s = devices.parse(src)
         if (s.kind, s.index) == (own.kind, own.index):
-            return devices.parse(dst)
-    return own
+            target = devices.parse(dst)
+            break
+    if not target.is_cuda:
+        return target
+    if logical_cuda_ordinals() is None:
+        return devices.CPU
+    ordinal = cuda_ordinal(target.index)
+    if ordinal is None:
+        raise ValueError(f"variable {var.name!r} would be restored onto {target}, but TensorFlow has "
+                         f"{len(logical_cuda_ordinals())} logical GPU(s); name another in device_map")
+    return Device("cuda", ordinal, target.name or f"/device:GPU:{target.index}")
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _dl_device(capsule):
+    """The (device_type, device_id) pair inside a legacy DLPack capsule, writable in place.
+
+    ``DLManagedTensor`` begins with ``DLTensor {void *data; DLDevice device; ...}``. Raises
+    ValueError for a capsule that is not an unconsumed ``"dltensor"``.
+    """
+    address = _capsule_pointer(capsule, b"dltensor")
+    return (ctypes.c_int32 * 2).from_address(address + ctypes.sizeof(ctypes.c_void_p))
 
 
 def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
@@ -162,14 +351,22 @@ def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
 
 
 def assign(var: tf.Variable, value):
-    """Assign a restored array (numpy, or CuPy already on its target GPU) to ``var``.
+    """Assign a restored array (numpy, or a complete CuPy array on its target GPU) to ``var``.
 
     The value's dtype and shape were checked against the variable (:func:`check_fits`), so the raw
     op is used: ``Variable.assign``'s Python layers cost ~200 µs a call, most of a small tensor's
     restore. If the value is on another device than the variable, the op copies it across.
     """
     if hasattr(value, "__cuda_array_interface__"):
-        tensor = tf.experimental.dlpack.from_dlpack(value.toDlpack())
+        # Imported lazily: CPU-only restores never reach it. The core hands back complete arrays,
+        # so the stream-less legacy capsule (the only kind TF takes) needs no ordering.
+        from gpusaver.staging.cuda import dlpack
+        capsule = dlpack.legacy_capsule(value)
+        ordinal = devices.of_array(value).index
+        tf_index = _tf_index(ordinal, device_of(var))
+        if tf_index != ordinal:  # TF reads the capsule's device_id as its own /GPU:n
+            _dl_device(capsule)[1] = tf_index
+        tensor = tf.experimental.dlpack.from_dlpack(capsule)
     else:
         tensor = _host_tensor(value, var.dtype)
     tf.raw_ops.AssignVariableOp(resource=var.handle, value=tensor)

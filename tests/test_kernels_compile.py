@@ -1,77 +1,121 @@
-"""Every kernels/*.cu compiles to a cubin through NVRTC, without a GPU.
+"""Every kernels/*.cu compiles to a cubin through NVRTC 12 and NVRTC 13, without a GPU.
 
-NVRTC comes from PyPI (``nvidia-cuda-nvrtc-cu12``) and is driven through ``cuda-bindings``;
-CuPy's own compile path cannot be used here because it asks the CUDA driver first.
+NVRTC comes from PyPI (``nvidia-cuda-nvrtc-cu12`` and ``nvidia-cuda-nvrtc``, both in the ``test``
+extra) and is driven through its C API with ctypes: cuda-bindings 12 and 13 cannot be installed
+side by side, while the two libraries (``libnvrtc.so.12``, ``libnvrtc.so.13``) load into one
+process. CuPy's own compile path cannot be used here because it asks the CUDA driver first.
 """
 
 import ctypes
+import importlib.metadata
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
-from gpusaver.staging.cuda.kernels import _KERNELS, kernel_sources
-
-nvrtc = pytest.importorskip("cuda.bindings.nvrtc")
+from gpusaver.staging.cuda.kernels import _KERNELS, _OPTIONS, kernel_sources
 
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "kernels"
 SOURCES = sorted(KERNEL_DIR.glob("*.cu"))
 ARCHES = ["sm_80", "sm_90"]
-OPTIONS = ["-std=c++14"]  # what gpusaver.staging.cuda.kernels hands CuPy
 KERNEL_NAME = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)')
 
+#: CUDA major -> (PyPI distribution that ships NVRTC, the library's file name in it).
+NVRTC_WHEELS = {
+    12: ("nvidia-cuda-nvrtc-cu12", "libnvrtc.so.12"),  # nvidia/cuda_nvrtc/lib/
+    13: ("nvidia-cuda-nvrtc", "libnvrtc.so.13"),  # nvidia/cu13/lib/
+}
+NVRTC_SUCCESS = 0
 
-def _preload_wheel_nvrtc() -> None:
-    """Load libnvrtc from the nvidia-cuda-nvrtc-cu12 wheel so that cuda.bindings, which may
-    look only on the system library path (releases without cuda-pathfinder), finds it."""
+
+class Nvrtc:
+    """The few NVRTC entry points a compile needs, from one libnvrtc.so."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        # RTLD_LOCAL (ctypes' default): the two majors export the same names and must not
+        # resolve into each other; each finds its libnvrtc-builtins through its $ORIGIN rpath.
+        lib = ctypes.CDLL(str(path))
+        self.lib = lib
+        p, pp = ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)
+        size_p, str_array = ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_char_p)
+        signatures = {
+            "nvrtcVersion": [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)],
+            "nvrtcCreateProgram": [pp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int,
+                                   str_array, str_array],
+            "nvrtcCompileProgram": [p, ctypes.c_int, str_array],
+            "nvrtcGetProgramLogSize": [p, size_p],
+            "nvrtcGetProgramLog": [p, ctypes.c_char_p],
+            "nvrtcGetCUBINSize": [p, size_p],
+            "nvrtcGetCUBIN": [p, ctypes.c_char_p],
+            "nvrtcDestroyProgram": [pp],
+        }
+        for name, argtypes in signatures.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        lib.nvrtcGetErrorString.argtypes = [ctypes.c_int]
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        self._check(lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+        self.version = (major.value, minor.value)
+
+    def error(self, result: int) -> str:
+        return f"{self.lib.nvrtcGetErrorString(result).decode()} ({result})"
+
+    def _check(self, result: int, what: str) -> None:
+        assert result == NVRTC_SUCCESS, f"{what} in {self.path}: {self.error(result)}"
+
+    def compile(self, source: str, name: str, options: list[str]) -> tuple[int, str, bytes]:
+        """(nvrtcCompileProgram's result, the program log, the cubin: empty on failure)."""
+        prog = ctypes.c_void_p()
+        self._check(self.lib.nvrtcCreateProgram(
+            ctypes.byref(prog), source.encode(), name.encode(), 0, None, None),
+            "nvrtcCreateProgram")
+        try:
+            opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+            result = self.lib.nvrtcCompileProgram(prog, len(options), opts)
+            size = ctypes.c_size_t()
+            self._check(self.lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)),
+                        "nvrtcGetProgramLogSize")
+            log = ctypes.create_string_buffer(size.value)
+            self._check(self.lib.nvrtcGetProgramLog(prog, log), "nvrtcGetProgramLog")
+            log_text = log.value.decode(errors="replace").strip()
+            cubin = b""
+            if result == NVRTC_SUCCESS:
+                self._check(self.lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)),
+                            "nvrtcGetCUBINSize")
+                buf = ctypes.create_string_buffer(size.value)
+                self._check(self.lib.nvrtcGetCUBIN(prog, buf), "nvrtcGetCUBIN")
+                cubin = buf.raw
+            return result, log_text, cubin
+        finally:
+            self._check(self.lib.nvrtcDestroyProgram(ctypes.byref(prog)), "nvrtcDestroyProgram")
+
+
+def _wheel_library(dist_name: str, file_name: str) -> Path:
+    """The library file inside an installed wheel; skips only when the wheel is not installed."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip(f"NVRTC is looked up as {file_name}, a Linux library name")
     try:
-        import nvidia.cuda_nvrtc
-    except ImportError:
-        return
-    for root in nvidia.cuda_nvrtc.__path__:
-        for lib in sorted(Path(root, "lib").glob("libnvrtc.so*")):
-            if "builtins" not in lib.name:
-                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-                return
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{dist_name} is not installed, so {file_name} is absent "
+                    "(pip install -e '.[test]' installs it)")
+    found = [Path(dist.locate_file(f)) for f in dist.files or () if f.name == file_name]
+    found = [p for p in found if p.is_file()]
+    # Installed but without its library is a broken install, not a reason to skip.
+    assert found, f"{dist_name} {dist.version} is installed but has no {file_name}"
+    return found[0]
 
 
-@pytest.fixture(scope="module")
-def nvrtc_ready():
-    try:
-        err, *_ = nvrtc.nvrtcVersion()
-    except Exception:  # the shared library was not found: help it, then try once more
-        _preload_wheel_nvrtc()
-        err, *_ = nvrtc.nvrtcVersion()
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-
-
-def _check(err, what):
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{what}: {err}"
-
-
-def _compile(source: bytes, name: str, arch: str) -> tuple[object, str, bytes]:
-    err, prog = nvrtc.nvrtcCreateProgram(source, name.encode(), 0, [], [])
-    _check(err, "nvrtcCreateProgram")
-    try:
-        opts = [o.encode() for o in OPTIONS + [f"--gpu-architecture={arch}"]]
-        (result,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        err, log_size = nvrtc.nvrtcGetProgramLogSize(prog)
-        _check(err, "nvrtcGetProgramLogSize")
-        log = b" " * log_size
-        (err,) = nvrtc.nvrtcGetProgramLog(prog, log)
-        _check(err, "nvrtcGetProgramLog")
-        log_text = log.rstrip(b"\0 ").decode(errors="replace")
-        cubin = b""
-        if result == nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            err, size = nvrtc.nvrtcGetCUBINSize(prog)
-            _check(err, "nvrtcGetCUBINSize")
-            cubin = b" " * size
-            (err,) = nvrtc.nvrtcGetCUBIN(prog, cubin)
-            _check(err, "nvrtcGetCUBIN")
-        return result, log_text, cubin
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+@pytest.fixture(scope="module", params=sorted(NVRTC_WHEELS), ids=lambda m: f"nvrtc{m}")
+def nvrtc(request):
+    major = request.param
+    lib = Nvrtc(_wheel_library(*NVRTC_WHEELS[major]))
+    assert lib.version[0] == major, f"{lib.path} is NVRTC {lib.version}, expected {major}.x"
+    return lib
 
 
 def test_sources_found():
@@ -88,12 +132,24 @@ def test_sources_found():
 
 @pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
-def test_compiles_to_cubin(nvrtc_ready, path, arch):
+def test_compiles_to_cubin(nvrtc, path, arch):
     source = path.read_text(encoding="utf-8")
-    result, log, cubin = _compile(source.encode(), path.name, arch)
-    assert result == nvrtc.nvrtcResult.NVRTC_SUCCESS, f"{path.name} for {arch}:\n{log}"
-    assert not re.search(r"\bwarning\b", log, re.IGNORECASE), f"{path.name} for {arch}:\n{log}"
-    assert len(cubin) > 0
+    where = f"{path.name} for {arch} with NVRTC {nvrtc.version[0]}.{nvrtc.version[1]}"
+    result, log, cubin = nvrtc.compile(
+        source, path.name, [*_OPTIONS, f"--gpu-architecture={arch}"])
+    assert result == NVRTC_SUCCESS, f"{where}: {nvrtc.error(result)}\n{log}"
+    assert not re.search(r"\bwarning\b", log, re.IGNORECASE), f"{where}:\n{log}"
+    assert cubin[:4] == b"\x7fELF", f"{where}: not a cubin"
     # Every extern "C" kernel is in the binary under its unmangled name, as CuPy looks it up.
     for kernel in KERNEL_NAME.findall(source):
-        assert kernel.encode() in cubin, f"{kernel} missing from {path.name} cubin for {arch}"
+        assert kernel.encode() in cubin, f"{kernel} missing from the cubin of {where}"
+
+
+def test_compile_error_carries_the_log(nvrtc):
+    """The harness itself: a source NVRTC rejects gives a failed result and a log naming the
+    error, which test_compiles_to_cubin puts in its failure message."""
+    bad = 'extern "C" __global__ void broken(int* out) { out[0] = undeclared_name; }\n'
+    result, log, cubin = nvrtc.compile(bad, "broken.cu", [*_OPTIONS, "--gpu-architecture=sm_80"])
+    assert result != NVRTC_SUCCESS
+    assert "undeclared_name" in log and "broken.cu" in log, log
+    assert cubin == b""

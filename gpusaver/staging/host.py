@@ -6,35 +6,66 @@ import numpy as np
 from gpusaver.format.bundle import byte_view
 from gpusaver.format.wire import crc32c
 from gpusaver.staging.io_types import Chunk, SaveItem
-from gpusaver.staging.pool import BufferPool
+from gpusaver.staging.session import GroupedStaging, PackGroup
 
 
 class HostEngine:
-    """Chunks of host arrays, checksummed here so the CRC of chunk k+1 overlaps the write of chunk k.
+    """Stages host arrays: zero-copy views in reference mode, else copies into staging buffers.
 
-    In reference mode the chunks are zero-copy views of the caller's array; in copy mode each is
-    copied into a pool buffer first (numpy's copy and crc32c both release the GIL).
+    The CRC of chunk k+1 is computed here while the writer writes chunk k (numpy's copy and
+    crc32c both release the GIL).
     """
 
-    def __init__(self, pool: BufferPool, copy: bool):
-        self._pool = pool
-        self._copy = copy
+    def session(self, items: list[SaveItem], dest, pack_threshold: int, chunk: int) -> "HostStaging":
+        """Staging for one save: ``dest`` (a pool or an arena lease) receives copies; None means
+        reference mode (views of the caller's arrays, checksummed in ``chunk``-byte pieces)."""
+        return HostStaging(items, dest, pack_threshold, chunk)
 
-    def chunks(self, item: SaveItem, cancelled=lambda: False) -> Iterator[Chunk]:
+
+class HostStaging(GroupedStaging):
+    def __init__(self, items: list[SaveItem], dest, pack_threshold: int, chunk: int):
+        # Views need no packing; copies pack small tensors into one buffer.
+        super().__init__(items, pack_threshold if dest is not None else 0, dest.size if dest else chunk)
+        self._dest = dest
+        self._chunk = chunk
+
+    def _pieces(self, item: SaveItem, cancelled) -> Iterator[Chunk]:
         view = byte_view(item.array)
-        step = self._pool.buffer_size
+        if self._dest is None:
+            if len(view) <= self._chunk:  # the common small tensor: one chunk, no slicing
+                yield Chunk(view, crc32c(view))
+                return
+            for start in range(0, len(view), self._chunk):
+                piece = view[start:start + self._chunk]
+                yield Chunk(piece, crc32c(piece))
+            return
+        step = self._dest.size
         for start in range(0, len(view), step):
             piece = view[start:start + step]
-            if not self._copy:
-                yield Chunk(piece, crc32c(piece))
-                continue
-            buf = self._pool.acquire(cancelled)
+            buf = self._dest.take(len(piece), cancelled)
             if buf is None:
                 return
             staged = buf[:len(piece)]
             np.copyto(staged, np.frombuffer(piece, dtype=np.uint8))
             data = memoryview(staged)
-            yield Chunk(data, crc32c(data), release=lambda b=buf: self._pool.release(b))
+            yield Chunk(data, crc32c(data), release=lambda b=buf: self._dest.give(b))
+        item.array = None
+
+    def _stage_group(self, group: PackGroup, cancelled) -> bool:
+        buf = self._dest.take(group.nbytes, cancelled)
+        if buf is None:
+            return False
+        for item, off in zip(group.items, group.offsets):
+            view = byte_view(item.array)
+            np.copyto(buf[off:off + len(view)], np.frombuffer(view, dtype=np.uint8))
+        group.hold(buf, self._dest.give)
+        group.drop_arrays()
+        return True
+
+    def _group_chunk(self, group: PackGroup, i: int) -> Chunk:
+        off, n = group.offsets[i], group.items[i].nbytes
+        data = memoryview(group.buffer[off:off + n])
+        return Chunk(data, crc32c(data), release=group.member_written)
 
 
 def as_host_array(array) -> np.ndarray:

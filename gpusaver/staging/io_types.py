@@ -33,9 +33,13 @@ class Chunk:
         return self.release is not _noop
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(eq=False)
 class SaveItem:
-    """One tensor to save: its checkpoint name and an array (numpy, CuPy, DLPack, buffer)."""
+    """One tensor to save: its checkpoint name and an array (numpy, CuPy, DLPack, buffer).
+
+    ``array`` is set to None once the tensor's bytes are staged (copy and host modes), so the save
+    stops holding device memory the caller may want back.
+    """
     name: str
     array: Any
     device: Device
@@ -47,13 +51,17 @@ class SaveItem:
         return num_elements(self.shape) * self.dtype.itemsize
 
 
-class CopyEngine(Protocol):
-    """Moves tensor bytes from a device into host staging buffers (see host.py, cuda.py).
+class Staging(Protocol):
+    """One save's (one shard's) staging of its tensors through one copy engine (see session.py).
 
-    An engine may also define ``plan(items)``, called once per shard before staging starts, to
-    batch work across tensors (the CUDA engine packs small tensors into one copy).
+    All per-save state — pack groups, buffers taken, device arrays in flight — lives here, never
+    in the engine, which concurrent saves share.
     """
 
     def chunks(self, item: SaveItem, cancelled: Callable[[], bool]) -> Iterator[Chunk]:
-        """Stage ``item`` as chunks in order; may block on the buffer pool (the budget) and stops
+        """Stage ``item`` as chunks in order; may block on the buffers (the budget) and stops
         early once ``cancelled()`` is true."""
+
+    def close(self):
+        """Give back every buffer and device array still held (after the writer is done, or
+        after a failure): a failed or cancelled save leaks nothing."""

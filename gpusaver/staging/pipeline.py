@@ -39,26 +39,29 @@ def plan_shards(items: list[SaveItem], num_shards: int) -> list[list[SaveItem]]:
 class SaveJob:
     """One save running on background threads; ``future`` resolves to ``on_done(prefix)``'s result.
 
-    ``items()`` describes the tensors; it runs on the save thread, so the caller's stall holds only
-    what the snapshot needs.
+    ``describe()`` returns the tensors to save; it runs on the save thread, so the caller's stall
+    holds only what the snapshot needs. ``buffers(items)`` claims the staging buffers
+    of this save (an object with ``session(shard_items)`` and ``close()``, see ``stager.py``).
 
     ``snapshot_held`` is set once the job no longer needs the caller's arrays to stay unchanged:
-    at once in reference mode (the job holds the arrays themselves), or when the last chunk has been
-    copied into staging buffers in copy mode. It is also set if the job fails early.
+    at once in reference mode (the job holds the arrays themselves), or once every tensor's bytes
+    are staged in host memory in copy and host modes. It is also set if the job fails.
     """
 
-    def __init__(self, prefix: str, items: Callable[[], list[SaveItem]], options: Options,
-                 engine_for: Callable[[SaveItem], Any], on_done: Callable[[str], Any] | None = None):
+    def __init__(self, prefix: str, describe: Callable[[], list[SaveItem]], options: Options, mode: str,
+                 buffers: Callable[[list[SaveItem]], Any], on_done: Callable[[str], Any] | None = None):
         self.prefix = prefix
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.snapshot_held = threading.Event()
-        self._items = items
+        self._describe = describe
         self._options = options
-        self._engine_for = engine_for
+        self._buffers = buffers
         self._on_done = on_done
         self._staging_left = options.num_shards
+        # Host mode stages at link speed into a model-sized buffer, never waiting for the writer.
+        self._queue_depth = 0 if mode == "host" else _QUEUE_DEPTH
         self._lock = threading.Lock()
-        if options.snapshot == "reference":
+        if mode == "reference":
             self.snapshot_held.set()
 
     def start(self) -> "SaveJob":
@@ -73,20 +76,26 @@ class SaveJob:
             self.future.set_exception(e)
         finally:
             self.snapshot_held.set()
-            self._items = None  # drop the snapshot as soon as the files are written
 
     def _save(self):
         opts = self._options
         with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync) as writer:
-            shards = plan_shards(self._items(), opts.num_shards)
-            if opts.num_shards == 1:
-                self._write_shard(writer.shard(0), shards[0])
-            else:
-                with concurrent.futures.ThreadPoolExecutor(opts.num_shards, "gpusaver-shard") as pool:
-                    futures = [pool.submit(self._write_shard, writer.shard(i), shard)
-                               for i, shard in enumerate(shards)]
-                    for f in futures:
-                        f.result()
+            items = self._describe()
+            self._describe = None  # the caller's mapping: dropped, so staged arrays can go
+            shards = plan_shards(items, opts.num_shards)
+            buffers = self._buffers(items)
+            del items
+            try:
+                if opts.num_shards == 1:
+                    self._write_shard(writer.shard(0), shards[0], buffers)
+                else:
+                    with concurrent.futures.ThreadPoolExecutor(opts.num_shards, "gpusaver-shard") as pool:
+                        futures = [pool.submit(self._write_shard, writer.shard(i), shard, buffers)
+                                   for i, shard in enumerate(shards)]
+                        for f in futures:
+                            f.result()
+            finally:
+                buffers.close()  # every buffer and device array this save still held
         return self._on_done(self.prefix) if self._on_done else self.prefix
 
     def _staged_one_shard(self):
@@ -95,7 +104,7 @@ class SaveJob:
             if self._staging_left == 0:
                 self.snapshot_held.set()
 
-    def _produce(self, items: list[SaveItem], out: queue.Queue, cancel: threading.Event):
+    def _produce(self, items: list[SaveItem], staging, out: queue.Queue, cancel: threading.Event):
         def put(entry):
             while not cancel.is_set():
                 try:
@@ -106,10 +115,6 @@ class SaveJob:
             return False
 
         try:
-            engines = {id(e): e for e in map(self._engine_for, items)}
-            for engine in engines.values():
-                if hasattr(engine, "plan"):  # e.g. CUDA: group small tensors for packing
-                    engine.plan(items)
             # Small tensors travel to the writer in batches instead of begin/chunk/end each: models
             # have thousands of them, and the queue hand-offs were most of their cost. A batch
             # holds no pool buffers (copy mode, CUDA), so staging never waits on a batch's buffers.
@@ -127,7 +132,7 @@ class SaveJob:
                     if not (flush() and put(("strings", item))):
                         return
                     continue
-                chunks = self._engine_for(item).chunks(item, cancel.is_set)
+                chunks = staging.chunks(item, cancel.is_set)
                 if item.nbytes > _BATCH_BYTES:
                     if not (flush() and put(("begin", item))):
                         return
@@ -155,10 +160,10 @@ class SaveJob:
         except BaseException as e:
             put(("error", e))
 
-    def _write_shard(self, shard: ShardWriter, items: list[SaveItem]):
-        staged: queue.Queue = queue.Queue(_QUEUE_DEPTH)
+    def _write_shard(self, shard: ShardWriter, items: list[SaveItem], buffers):
+        staged: queue.Queue = queue.Queue(self._queue_depth)
         cancel = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(items, staged, cancel),
+        producer = threading.Thread(target=self._produce, args=(items, buffers.session(items), staged, cancel),
                                     name="gpusaver-stage", daemon=True)
         producer.start()
         try:

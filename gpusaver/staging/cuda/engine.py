@@ -1,70 +1,63 @@
 """The CUDA copy engine: pinned staging buffers, per-device copy streams, device CRC32C, packing.
 
-Save: each chunk of a large tensor is copied device→pinned host on the device's copy stream while
-the CRC kernel checksums the same bytes on a second stream, so the host never reads the data to
-checksum it; the staging thread waits for the copy while the writer writes the previous chunk. Small tensors (at most
-``pack_threshold`` bytes) are gathered on the device by the pack kernel into one buffer and cross
-the bus in one copy instead of thousands. Restore: chunks are read from the file straight into
-pinned buffers and uploaded into the destination device array, double-buffered by the pool; the
-CRC is verified on the device. CuPy is imported here and in ``kernels.py`` only.
+Save (:class:`CudaStaging`, one per save and shard): each chunk of a large tensor is copied
+device→pinned host on the device's copy stream while the CRC kernel checksums the same bytes on a
+second stream, a few chunks in flight at once; small tensors are gathered on the device by the
+pack kernel and cross the bus in one copy. Both streams first wait for the events the save
+recorded where the data was produced (see :meth:`CudaEngine.ready_events`).
+
+Restore: large tensors are read from the file into pinned buffers and uploaded chunk by chunk,
+double-buffered, with the CRC verified on the device; small tensors are read together into one
+pinned buffer (CRC-checked on the host while in cache), uploaded in one copy and scattered by the
+unpack kernel. Outputs are allocated on the copy stream and synchronised before anyone sees them.
+
+CuPy is imported here, in ``kernels.py`` and in ``dlpack.py`` only.
 """
-import dataclasses
+import collections
 import threading
 
 import numpy as np
 
 from gpusaver.format.proto import Entry
 from gpusaver.options import Options
-from gpusaver.staging.cuda import kernels
+from gpusaver.staging.cuda import dlpack, kernels
 from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
-from gpusaver.staging.pool import BufferPool
+from gpusaver.staging.pool import Arena, BufferPool
+from gpusaver.staging.session import PACK_ALIGN, GroupedStaging, PackGroup
 
 
 def _cupy():
     return kernels._import_cupy()
 
 
-def _pinned_empty(nbytes: int) -> np.ndarray:
-    """Page-locked host memory as a uint8 array (kept alive by the array's base)."""
-    mem = _cupy().cuda.alloc_pinned_memory(nbytes)
-    return np.frombuffer(mem, dtype=np.uint8, count=nbytes)
-
-
-@dataclasses.dataclass
-class _Group:
-    """Small tensors packed together: one device gather, one D2H copy, shared pinned buffer."""
-    items: list
-    offsets: dict = dataclasses.field(default_factory=dict)
-    buffer: np.ndarray | None = None
-    event: object = None
-    packed: object = None
-    pending: int = 0
+def pinned_empty(nbytes: int) -> np.ndarray:
+    """Page-locked host memory as a uint8 array of exactly ``nbytes`` (CuPy's pinned pool would
+    round a model-sized buffer up to a power of two); kept alive by the array's base."""
+    cp = _cupy()
+    mem = cp.cuda.PinnedMemory(max(nbytes, 1))
+    return np.frombuffer(cp.cuda.PinnedMemoryPointer(mem, 0), dtype=np.uint8, count=nbytes)
 
 
 class CudaEngine:
-    """Copy engine for arrays in CUDA device memory (CuPy, or anything with DLPack / CAI)."""
+    """What a Stager's saves and restores of CUDA arrays share: streams, pinned pools, the arena.
+
+    Everything per save lives in :class:`CudaStaging`. Saves and restores have separate pools, so
+    a restore never waits for buffers a save holds (each is bounded by ``buffer_budget``).
+    """
 
     def __init__(self, options: Options):
         self._cp = _cupy()
-        self._pool = BufferPool(options.buffer_budget, options.effective_chunk, allocate=_pinned_empty)
-        self._threshold = options.pack_threshold
-        # Uploads in flight per reader thread: two overlap the next read with the last upload, but
-        # only if every reader can hold two buffers at once — else one, so readers cannot deadlock.
-        self._upload_depth = 2 if self._pool.capacity >= 2 * options.num_threads else 1
+        self.options = options
+        self.save_pool = BufferPool(options.buffer_budget, options.effective_chunk, allocate=pinned_empty)
+        self.load_pool = BufferPool(options.buffer_budget, options.effective_chunk, allocate=pinned_empty)
+        self.arena = Arena(pinned_empty)
         self._streams: dict[int, tuple] = {}
-        self._groups: dict[str, _Group] = {}
         self._lock = threading.Lock()
 
-    # -- save ----------------------------------------------------------------------------------
-    def prepare(self, array):
-        """A C-contiguous CuPy view of a device array (DLPack/CAI import, no copy when contiguous)."""
-        cp = self._cp
-        if not isinstance(array, cp.ndarray):
-            array = cp.from_dlpack(array) if hasattr(array, "__dlpack__") else cp.asarray(array)
-        return array if array.flags.c_contiguous else cp.ascontiguousarray(array)
-
-    def _stream_pair(self, device_id: int):
+    def streams(self, device_id: int):
+        """(copy stream, CRC stream) of a device, created once; non-blocking, so they never wait
+        for unrelated work on the legacy default stream."""
         with self._lock:
             if device_id not in self._streams:
                 with self._cp.cuda.Device(device_id):
@@ -72,115 +65,247 @@ class CudaEngine:
                                                 self._cp.cuda.Stream(non_blocking=True))
             return self._streams[device_id]
 
-    def plan(self, items: list[SaveItem]):
-        """Group consecutive small tensors of one device, up to one staging buffer each."""
-        group, size, dev = None, 0, None
-        for item in items:
-            if not item.device.is_cuda or item.nbytes > self._threshold or item.nbytes == 0:
-                continue
-            padded = -(-item.nbytes // 16) * 16
-            if group is None or size + padded > self._pool.buffer_size or item.device.index != dev:
-                group, size, dev = _Group([]), 0, item.device.index
-            group.items.append(item)
-            size += padded
-            with self._lock:
-                self._groups[item.name] = group
+    # -- save ----------------------------------------------------------------------------------
+    def import_array(self, array):
+        """A C-contiguous CuPy view of a device array (DLPack/CAI import, no copy when contiguous).
+        Call it on the thread that produced the array: a non-contiguous array is copied on that
+        thread's current stream, and a DLPack producer orders its work against that stream."""
+        array = dlpack.import_array(array)
+        return array if array.flags.c_contiguous else self._cp.ascontiguousarray(array)
 
-    def _stage_group(self, group: _Group, cancelled) -> bool:
-        cp = self._cp
-        buf = self._pool.acquire(cancelled)
-        if buf is None:
-            return False
-        device_id = group.items[0].array.device.id
-        copy_stream, _ = self._stream_pair(device_id)
-        with cp.cuda.Device(device_id):
-            # The gather must see the arrays as the producer's stream does: wait on it first.
-            copy_stream.wait_event(cp.cuda.get_current_stream().record())
-            packed, offsets = kernels.pack([i.array for i in group.items], stream=copy_stream)
-            host = buf[:packed.size]
-            packed.get(stream=copy_stream, out=host, blocking=False)  # async: host is pinned
-            group.event = copy_stream.record()
-        group.packed = packed  # the device buffer must outlive the copy
-        group.buffer = buf
-        group.offsets = {item.name: int(off) for item, off in zip(group.items, offsets)}
-        group.pending = len(group.items)
-        return True
+    def ready_events(self, device_ids) -> dict[int, object]:
+        """One event per device, recorded on this thread's current CuPy stream: the save's copy
+        and CRC streams wait on them, so they read what this thread's work (and the producers it
+        imported from) wrote. CuPy's current stream is per thread, so call this on the producer's."""
+        events = {}
+        for d in device_ids:
+            with self._cp.cuda.Device(d):
+                events[d] = self._cp.cuda.Event(disable_timing=True)
+                events[d].record()
+        return events
 
-    def _release_from(self, group: _Group):
-        with self._lock:
-            group.pending -= 1
-            done = group.pending == 0
-        if done:
-            self._pool.release(group.buffer)
-
-    def chunks(self, item: SaveItem, cancelled=lambda: False):
-        with self._lock:
-            group = self._groups.pop(item.name, None)
-        if group is not None:
-            if group.buffer is None and not self._stage_group(group, cancelled):
-                return
-            off = group.offsets[item.name]
-            group.event.synchronize()
-            yield Chunk(memoryview(group.buffer[off:off + item.nbytes]), None,
-                        release=lambda: self._release_from(group))
-            return
-        yield from self._large_chunks(item, cancelled)
-
-    def _large_chunks(self, item: SaveItem, cancelled):
-        cp = self._cp
-        data = item.array.reshape(-1).view(cp.uint8)
-        device_id = item.array.device.id
-        copy_stream, crc_stream = self._stream_pair(device_id)
-        step = self._pool.buffer_size
-        with cp.cuda.Device(device_id):
-            ready = cp.cuda.get_current_stream().record()
-            copy_stream.wait_event(ready)
-            crc_stream.wait_event(ready)
-            for start in range(0, data.size, step):
-                buf = self._pool.acquire(cancelled)
-                if buf is None:
-                    return
-                piece = data[start:start + step]
-                host = buf[:piece.size]
-                piece.get(stream=copy_stream, out=host, blocking=False)  # async: host is pinned
-                event = copy_stream.record()
-                crc = kernels.device_crc32c(piece, stream=crc_stream)  # overlaps the copy
-                # Wait here, on the staging thread: once the last chunk is yielded the snapshot
-                # is on the host (copy mode may then let training overwrite the device memory),
-                # and the writer is meanwhile busy with the previous chunk.
-                event.synchronize()
-                yield Chunk(memoryview(host), crc, release=lambda b=buf: self._pool.release(b))
+    def session(self, items: list[SaveItem], dest, ready: dict) -> "CudaStaging":
+        return CudaStaging(self, items, dest or self.save_pool, ready)
 
     # -- restore -------------------------------------------------------------------------------
     def load(self, reader, name: str, entry: Entry, device: Device):
         """Read a numeric tensor chunk by chunk into pinned buffers and upload each into a new
-        array on ``device``; verify the CRC32C on the device. Raises CorruptCheckpointError."""
+        array on ``device``; verify the CRC32C on the device. Raises CorruptCheckpointError.
+        The array is complete when returned."""
         cp = self._cp
-        dtype = reader.dtype(name)
-        copy_stream, _ = self._stream_pair(device.index)
-        with cp.cuda.Device(device.index):
-            out = cp.empty(entry.shape, dtype=dtype)
+        copy, _ = self.streams(device.index)
+        with cp.cuda.Device(device.index), copy:
+            out = cp.empty(entry.shape, dtype=reader.dtype(name))  # allocated in copy-stream order
             flat = out.reshape(-1).view(cp.uint8)
-            in_flight = []  # (event, buffer): a buffer is reused only after its upload finished
-            try:
-                for start in range(0, entry.size, self._pool.buffer_size):
-                    if len(in_flight) >= self._upload_depth:
-                        event, buf = in_flight.pop(0)
-                        event.synchronize()
-                        self._pool.release(buf)
-                    buf = self._pool.acquire()
-                    n = min(self._pool.buffer_size, entry.size - start)
-                    reader.pread_into(entry, name, memoryview(buf[:n]), start)
-                    flat[start:start + n].set(buf[:n], stream=copy_stream)
-                    in_flight.append((copy_stream.record(), buf))
-            finally:
-                for event, buf in in_flight:
-                    event.synchronize()
-                    self._pool.release(buf)
-            reader.check_crc(name, entry, kernels.device_crc32c(flat, stream=copy_stream))
+            self.upload_into(flat, lambda view, start: reader.pread_into(entry, name, view, start), copy)
+            crc = kernels.crc32c_start(flat, stream=copy).result()  # waits for the uploads too
+        reader.check_crc(name, entry, crc)
         return out
 
+    def upload_into(self, flat, fill, stream):
+        """Fill the uint8 device array ``flat`` chunk by chunk: ``fill(view, start)`` writes bytes
+        ``[start, start + len(view))`` into a pinned buffer, which is uploaded on ``stream`` while
+        the next chunk is filled. Returns with the uploads queued (the buffers are free again)."""
+        pool = self.load_pool
+        in_flight = collections.deque()  # (event, buffer): reused only after its upload finished
+        try:
+            for start in range(0, flat.size, pool.buffer_size):
+                # A second buffer overlaps this read with the last upload, if one is free now:
+                # waiting for one while holding another could deadlock concurrent restores.
+                buf = pool.acquire(wait=False) if len(in_flight) == 1 else None
+                if buf is None and in_flight:
+                    event, buf = in_flight.popleft()
+                    event.synchronize()
+                if buf is None:
+                    buf = pool.acquire()
+                n = min(pool.buffer_size, flat.size - start)
+                try:
+                    fill(memoryview(buf[:n]), start)
+                except BaseException:
+                    pool.release(buf)
+                    raise
+                flat[start:start + n].set(buf[:n], stream=stream)
+                in_flight.append((stream.record(), buf))
+        finally:
+            for event, buf in in_flight:
+                event.synchronize()
+                pool.release(buf)
+
+    def load_small(self, reader, names: list[str], device: Device) -> list:
+        """Read plain numeric tensors (together at most one buffer, packed) into one pinned buffer,
+        CRC-checked on the host, upload it in one copy and scatter it on the device."""
+        cp = self._cp
+        entries = [reader.entry(n) for n in names]
+        offsets, end = [], 0
+        for e in entries:
+            start = -(-end // PACK_ALIGN) * PACK_ALIGN
+            offsets.append(start)
+            end = start + e.size
+        buf = self.load_pool.acquire()
+        places = iter(offsets)
+
+        def place(nbytes):  # read_many asks for the tensors' buffers in order
+            start = next(places)
+            return buf[start:start + nbytes]
+
+        try:
+            reader.read_many(names, allocate=place)
+            copy, _ = self.streams(device.index)
+            with cp.cuda.Device(device.index), copy:
+                packed = cp.empty(end, dtype=cp.uint8)
+                packed.set(buf[:end], stream=copy)
+                outs = [cp.empty(e.shape, dtype=reader.dtype(n)) for n, e in zip(names, entries)]
+                work = [i for i, e in enumerate(entries) if e.size]
+                kernels.scatter(packed, [offsets[i] for i in work], [entries[i].size for i in work],
+                                [outs[i].data.ptr for i in work])
+                copy.synchronize()  # before the pinned buffer is reused and before TF sees outs
+        finally:
+            self.load_pool.release(buf)
+        return outs
+
     def upload(self, host: np.ndarray, device: Device):
-        """Upload a host array (strings and sliced tensors take this path) to ``device``."""
-        with self._cp.cuda.Device(device.index):
-            return self._cp.asarray(host)
+        """Upload a host array (sliced tensors take this path) to ``device``; complete on return."""
+        cp = self._cp
+        copy, _ = self.streams(device.index)
+        with cp.cuda.Device(device.index), copy:
+            out = cp.empty(host.shape, dtype=host.dtype)
+            out.set(host, stream=copy)
+            copy.synchronize()
+        return out
+
+
+_IN_FLIGHT = 4  # chunk copies queued ahead of the one being waited for
+
+
+class _Transfer:
+    """One large tensor's device-to-host copies: the next byte to copy, the chunks in flight."""
+
+    def __init__(self, item: SaveItem, data):
+        self.item, self.data, self.next = item, data, 0
+        self.pending = collections.deque()  # (copy event, pending CRC, host bytes, buffer)
+
+    @property
+    def issued_all(self) -> bool:
+        return self.next >= self.data.size
+
+
+class CudaStaging(GroupedStaging):
+    """One save's (one shard's) staging of CUDA arrays into ``dest``: the bounded pinned pool
+    (reference and copy modes) or a lease on the pinned arena (host mode).
+
+    Large tensors keep up to ``_IN_FLIGHT`` chunk copies queued, and while one drains its last
+    chunks the next large tensor's first copies are queued, so the link never idles between
+    tensors. Extra buffers are only ever taken without waiting: a producer blocks on the pool
+    only while it holds nothing the writer has not been given (no deadlock, however many saves
+    and shards share the pool).
+    """
+
+    def __init__(self, engine: CudaEngine, items: list[SaveItem], dest, ready: dict):
+        super().__init__(items, engine.options.effective_pack_threshold, dest.size)
+        self._engine, self._cp, self._dest = engine, engine._cp, dest
+        self._ready = ready
+        self._waited: set[int] = set()
+        self._following = {id(a): b for a, b in zip(items, items[1:])}
+        self._ahead: dict[int, _Transfer] = {}  # transfers started before their turn
+
+    def _streams(self, device_id: int):
+        copy, crc = self._engine.streams(device_id)
+        if device_id not in self._waited:
+            for event in self._ready.get(device_id, ()):
+                copy.wait_event(event)
+                crc.wait_event(event)
+            self._waited.add(device_id)
+        return copy, crc
+
+    def _stage_group(self, group: PackGroup, cancelled) -> bool:
+        cp = self._cp
+        buf = self._dest.take(group.nbytes, cancelled)
+        if buf is None:
+            return False
+        device_id = group.items[0].array.device.id
+        copy, _ = self._streams(device_id)
+        try:
+            with cp.cuda.Device(device_id), copy:
+                packed = cp.empty(group.nbytes, dtype=cp.uint8)
+                kernels.gather([i.array.data.ptr for i in group.items], [i.nbytes for i in group.items],
+                               group.offsets, packed)
+                packed.get(stream=copy, out=buf[:group.nbytes], blocking=False)  # async: pinned
+                group.event = copy.record()
+        except BaseException:
+            self._dest.give(buf)
+            raise
+        group.device_buffer = packed  # must outlive the copy
+        group.hold(buf, self._dest.give)
+        return True
+
+    def _group_chunk(self, group: PackGroup, i: int) -> Chunk:
+        if group.event is not None:
+            group.event.synchronize()
+            # The gather has read every member: the caller's arrays may go (and be reused).
+            group.event = group.device_buffer = None
+            group.drop_arrays()
+        off, n = group.offsets[i], group.items[i].nbytes
+        return Chunk(memoryview(group.buffer[off:off + n]), None, release=group.member_written)
+
+    def _pieces(self, item: SaveItem, cancelled):
+        t = self._ahead.pop(id(item), None) or self._transfer(item)
+        try:
+            while not t.issued_all or t.pending:
+                while not t.issued_all and len(t.pending) < _IN_FLIGHT:
+                    got = self._issue(t, cancelled, wait=not t.pending)
+                    if got is None:
+                        return  # cancelled while waiting for a buffer
+                    if not got:
+                        break  # no buffer free now: drain one first
+                if t.issued_all:
+                    self._start_following(item, room=_IN_FLIGHT - len(t.pending))
+                yield self._finish(*t.pending.popleft())
+            item.array = None  # every byte is on the host and checksummed: let the device memory go
+        finally:
+            self._drain(t)
+
+    def _transfer(self, item: SaveItem) -> _Transfer:
+        return _Transfer(item, item.array.reshape(-1).view(self._cp.uint8))
+
+    def _issue(self, t: _Transfer, cancelled, wait: bool):
+        """Queue the copy and CRC of ``t``'s next chunk. True if queued, False if no buffer was
+        free (``wait`` False), None if cancelled while waiting."""
+        n = min(self._dest.size, t.data.size - t.next)
+        buf = self._dest.take(n, cancelled, wait=wait)
+        if buf is None:
+            return None if wait else False
+        device_id = t.item.array.device.id
+        copy, crc_stream = self._streams(device_id)
+        piece, host = t.data[t.next:t.next + n], buf[:n]
+        with self._cp.cuda.Device(device_id):
+            piece.get(stream=copy, out=host, blocking=False)  # async: host is pinned
+            t.pending.append((copy.record(), kernels.crc32c_start(piece, stream=crc_stream), host, buf))
+        t.next += n
+        return True
+
+    def _start_following(self, item: SaveItem, room: int):
+        """Queue the first copies of the next tensor if it is a large one, so the link stays busy
+        while this one's last chunks drain (never waiting for a buffer)."""
+        nxt = self._following.get(id(item))
+        if room <= 0 or nxt is None or id(nxt) in self._ahead or id(nxt) in self._group_of:
+            return
+        t = self._ahead[id(nxt)] = self._transfer(nxt)
+        while room > 0 and not t.issued_all and self._issue(t, lambda: True, wait=False):
+            room -= 1
+
+    def _finish(self, event, crc, host, buf) -> Chunk:
+        event.synchronize()
+        return Chunk(memoryview(host), crc.result(), release=lambda: self._dest.give(buf))
+
+    def _drain(self, t: _Transfer):
+        """Give back the buffers of copies never handed on (closed early: they may be landing)."""
+        while t.pending:
+            event, _, _, buf = t.pending.popleft()
+            event.synchronize()
+            self._dest.give(buf)
+
+    def close(self):
+        for t in self._ahead.values():
+            self._drain(t)
+        self._ahead = {}
+        super().close()

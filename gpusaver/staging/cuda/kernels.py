@@ -23,7 +23,8 @@ import numpy as np
 from .crc import THREADS as _CRC_THREADS
 from .crc import combine_segments, pack_layout
 
-__all__ = ["kernel_sources", "load_kernels", "device_crc32c", "pack", "unpack"]
+__all__ = ["kernel_sources", "load_kernels", "device_crc32c", "crc32c_start", "pack", "unpack", "gather",
+           "scatter"]
 
 #: Source file stem -> kernel names it defines.
 _KERNELS = {
@@ -33,30 +34,37 @@ _KERNELS = {
 _OPTIONS = ("-std=c++14",)
 _PACK_THREADS = 256
 _MAX_GRID = 65535  # blocks loop over their work, so more would only queue
-_INSTALL_HINT = "pip install gpusaver[cuda]"
+_INSTALL_HINT = "pip install 'gpusaver[cuda13]' (or 'gpusaver[cuda12]' for drivers older than 580)"
 # kDLCUDA, kDLCUDAManaged, kDLROCM: memory a kernel can read. Host arrays (numpy has
 # __dlpack__ too) are refused here rather than copied behind the caller's back.
 _DLPACK_DEVICE_TYPES = (2, 13, 10)
 
 
-def _kernel_dir() -> Path:
-    """Where the .cu files are: inside the package (wheels ship them as gpusaver/kernels/),
-    else the source checkout's top-level kernels/."""
-    candidates = (
-        Path(__file__).resolve().parents[2] / "kernels",
-        Path(__file__).resolve().parents[3] / "kernels",
-    )
+def _kernel_dir():
+    """Where the .cu files are, as an ``importlib.resources`` Traversable: the package
+    ``gpusaver._kernels`` (pyproject.toml maps it to the top-level kernels/, so wheels carry
+    gpusaver/_kernels/*.cu and editable installs resolve it to the checkout), else, for a source
+    tree imported without installing it (PYTHONPATH), the checkout's top-level kernels/."""
+    from importlib import resources
+
+    candidates = []
+    try:
+        candidates.append(resources.files("gpusaver._kernels"))
+    except ModuleNotFoundError:
+        pass
+    candidates.append(Path(__file__).resolve().parents[3] / "kernels")
     for d in candidates:
-        if all((d / f"{stem}.cu").is_file() for stem in _KERNELS):
+        if all(d.joinpath(f"{stem}.cu").is_file() for stem in _KERNELS):
             return d
     raise FileNotFoundError(
         "gpusaver's CUDA sources (crc32c.cu, pack.cu) were not found in "
-        + " or ".join(str(d) for d in candidates))
+        + " or ".join(str(d) for d in candidates)
+        + "; reinstall gpusaver (pip install gpusaver, or pip install -e . in a checkout)")
 
 
 @lru_cache(maxsize=None)
 def _source(stem: str) -> str:
-    return (_kernel_dir() / f"{stem}.cu").read_text(encoding="utf-8")
+    return _kernel_dir().joinpath(f"{stem}.cu").read_text(encoding="utf-8")
 
 
 def kernel_sources() -> dict[str, str]:
@@ -152,6 +160,26 @@ def device_crc32c(device_array, segment: int = 1 << 20, stream=None) -> int:
         TypeError: ``device_array`` is not a device array.
         ValueError: the array is not C-contiguous, or ``segment <= 0``.
     """
+    return crc32c_start(device_array, segment, stream).result()
+
+
+class PendingCrc:
+    """A device CRC launched on a stream; :meth:`result` waits for it and folds the segments."""
+
+    def __init__(self, segments, segment: int, nbytes: int, stream):
+        self._segments, self._segment, self._nbytes, self._stream = segments, segment, nbytes, stream
+
+    def result(self) -> int:
+        if self._segments is None:
+            return 0
+        with _stream_ctx(self._stream):
+            crcs = self._segments.get()  # waits for this stream's work up to here
+        return combine_segments(crcs, self._segment, self._nbytes)
+
+
+def crc32c_start(device_array, segment: int = 1 << 20, stream=None) -> PendingCrc:
+    """Launch :func:`device_crc32c`'s kernel without waiting: the CRC of chunk k is folded on
+    the host while the device already checksums chunk k+1. Same arguments and errors."""
     cupy = _import_cupy()
     data = _device_bytes(cupy, device_array, "device_crc32c")
     segment = operator.index(segment)
@@ -159,7 +187,7 @@ def device_crc32c(device_array, segment: int = 1 << 20, stream=None) -> int:
         raise ValueError(f"segment must be > 0 bytes, got {segment}")
     n = data.size
     if n == 0:
-        return 0
+        return PendingCrc(None, segment, 0, stream)
     nseg = -(-n // segment)
     with data.device, _stream_ctx(stream):
         out = cupy.empty(nseg, dtype=cupy.uint32)
@@ -168,8 +196,7 @@ def device_crc32c(device_array, segment: int = 1 << 20, stream=None) -> int:
         grid = min(nseg, 8 * _sm_count(cupy, data.device.id), _MAX_GRID)
         _kernel("crc32c_segments")(
             (grid,), (_CRC_THREADS,), (data, np.uint64(n), np.uint64(segment), out))
-        crcs = out.get()  # synchronises with the stream
-    return combine_segments(crcs, segment, n)
+    return PendingCrc(out, segment, n, stream)
 
 
 def _metadata(cupy, columns: Sequence[Sequence[int]]):
@@ -225,16 +252,32 @@ def pack(device_arrays: Sequence, out=None, *, align: int = 16, stream=None):
     with device, _stream_ctx(stream):
         if out is None:
             out = cupy.zeros(total, dtype=cupy.uint8)
-        if work:
-            ptrs, nbytes, offs = _metadata(cupy, [
-                [views[i].data.ptr for i in work],
-                [sizes[i] for i in work],
-                [int(offsets[i]) for i in work],
-            ])
-            _kernel("pack_gather")(
-                (min(len(work), _MAX_GRID),), (_PACK_THREADS,),
-                (ptrs, nbytes, offs, np.int32(len(work)), out))
+        gather([views[i].data.ptr for i in work], [sizes[i] for i in work],
+               [int(offsets[i]) for i in work], out)
     return out, offsets
+
+
+def gather(pointers: Sequence[int], sizes: Sequence[int], offsets: Sequence[int], out) -> None:
+    """Launch ``pack_gather`` on the current device and stream: ``sizes[i]`` bytes from device
+    address ``pointers[i]`` to ``out[offsets[i]:]``. No checks: :func:`pack` is the checked form;
+    the CUDA engine calls this directly because per-array checks cost more than the copy."""
+    cupy = _import_cupy()
+    if not len(pointers):
+        return
+    ptrs, nbytes, offs = _metadata(cupy, [pointers, sizes, offsets])
+    _kernel("pack_gather")((min(len(pointers), _MAX_GRID),), (_PACK_THREADS,),
+                           (ptrs, nbytes, offs, np.int32(len(pointers)), out))
+
+
+def scatter(src, offsets: Sequence[int], sizes: Sequence[int], pointers: Sequence[int]) -> None:
+    """Launch ``unpack_scatter`` on the current device and stream, the inverse of :func:`gather`;
+    unchecked like it (:func:`unpack` is the checked form)."""
+    cupy = _import_cupy()
+    if not len(pointers):
+        return
+    offs, nbytes, ptrs = _metadata(cupy, [offsets, sizes, pointers])
+    _kernel("unpack_scatter")((min(len(pointers), _MAX_GRID),), (_PACK_THREADS,),
+                              (src, offs, nbytes, ptrs, np.int32(len(pointers))))
 
 
 def unpack(buf, offsets: Sequence[int], outs: Sequence, *, stream=None):
@@ -272,14 +315,7 @@ def unpack(buf, offsets: Sequence[int], outs: Sequence, *, stream=None):
     work = [i for i, v in enumerate(views) if v.size > 0]
     if len(work) > np.iinfo(np.int32).max:
         raise ValueError(f"unpack: {len(work)} arrays exceed one launch")
-    if work:
-        with src.device, _stream_ctx(stream):
-            offs, nbytes, ptrs = _metadata(cupy, [
-                [offsets[i] for i in work],
-                [views[i].size for i in work],
-                [views[i].data.ptr for i in work],
-            ])
-            _kernel("unpack_scatter")(
-                (min(len(work), _MAX_GRID),), (_PACK_THREADS,),
-                (src, offs, nbytes, ptrs, np.int32(len(work))))
+    with src.device, _stream_ctx(stream):
+        scatter(src, [offsets[i] for i in work], [views[i].size for i in work],
+                [views[i].data.ptr for i in work])
     return outs

@@ -1,0 +1,190 @@
+"""The Stager: the copy engines and buffers one Saver (or the module-level functions) reuses, and
+each save's claim on them (:class:`SaveBuffers`)."""
+import threading
+
+from gpusaver.errors import MismatchError, UnsupportedError
+from gpusaver.format.bundle import BundleReader
+from gpusaver.format.dtypes import dtype_to_enum
+from gpusaver.options import Options
+from gpusaver.staging import devices
+from gpusaver.staging.devices import Device
+from gpusaver.staging.host import HostEngine, as_host_array
+from gpusaver.staging.io_types import SaveItem
+from gpusaver.staging.pool import Arena, BufferPool, aligned_empty, align_up
+
+
+class Stager:
+    """Engines, pools and snapshot arenas, created on first use and reused save after save.
+
+    The CUDA engine (and its pinned memory, allocated once because page-locking is slow) exists
+    only once a CUDA array is seen, so CPU-only use never imports CuPy. Thread-safe.
+    """
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.host = HostEngine()
+        self.host_pool = BufferPool(options.buffer_budget, options.effective_chunk)
+        self.host_arena = Arena()
+        self._cuda = None
+        self._lock = threading.Lock()
+
+    def cuda(self):
+        """The CUDA engine; ImportError (naming the extra to install) without CuPy."""
+        with self._lock:
+            if self._cuda is None:
+                from gpusaver.staging.cuda.engine import CudaEngine  # imports CuPy
+                self._cuda = CudaEngine(self.options)
+            return self._cuda
+
+    # -- save ----------------------------------------------------------------------------------
+    def hold(self, values: dict) -> dict[int, list]:
+        """On the caller's thread, at save time: import device arrays in ``values`` (in place) and
+        record, per device, an event after the work that produced them. CuPy's and torch's
+        current streams are per thread, so this is the only place that can see the producer's."""
+        device_ids = set()
+        for name, value in values.items():
+            if devices.of_array(value).is_cuda:
+                values[name] = self.cuda().import_array(value)
+                device_ids.add(values[name].device.id)
+        if not device_ids:
+            return {}
+        return {d: [e] for d, e in self.cuda().ready_events(device_ids).items()}
+
+    def describe(self, values: dict, convert, ready: dict) -> list[SaveItem]:
+        """The save's items (on the save thread). Arrays an adapter's ``convert`` imports here
+        come from producers that finished their work (the TF adapter synchronises first); any
+        copy made here is ordered by one more event, on this thread's stream, added to ``ready``."""
+        items = [self.item(name, convert(value)) for name, value in values.items()]
+        ids = {item.array.device.id for item in items if item.device.is_cuda}
+        for d, event in (self.cuda().ready_events(ids) if ids else {}).items():
+            ready.setdefault(d, []).append(event)
+        return items
+
+    def item(self, name: str, array) -> SaveItem:
+        """Describe one array to save. Raises ValueError / UnsupportedError naming the tensor."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        device = devices.of_array(array)
+        if device.is_cuda:
+            array = self.cuda().import_array(array)
+            device = Device("cuda", array.device.id)
+        else:
+            array = as_host_array(array)
+        try:
+            dtype_to_enum(array.dtype)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"tensor {name!r}: {e}") from None
+        return SaveItem(name, array, device, array.dtype, tuple(int(d) for d in array.shape))
+
+    def buffers(self, items: list[SaveItem], mode: str, ready: dict) -> "SaveBuffers":
+        return SaveBuffers(self, items, mode, ready)
+
+    # -- restore -------------------------------------------------------------------------------
+    def fetch(self, reader: BundleReader, batch: list[tuple[str, Device]]) -> list:
+        """Read each (name, device) of ``batch`` (CRC-checked) onto its device: numpy arrays on the
+        host (64-byte aligned, so TF and CUDA uploads adopt them without a copy), CuPy on a GPU,
+        complete when returned."""
+        values: dict[int, object] = {}
+        host = [i for i, (_, device) in enumerate(batch) if not device.is_cuda]
+        for i, value in zip(host, reader.read_many([batch[i][0] for i in host], allocate=aligned_empty)):
+            values[i] = value
+        small: dict[int, list[int]] = {}  # device index -> positions of packable tensors
+        for i, (name, device) in enumerate(batch):
+            if not device.is_cuda:
+                continue
+            entry = reader.entry(name)
+            if reader.dtype(name).kind == "O":
+                raise MismatchError(f"tensor {name!r} holds strings, which cannot live on {device}")
+            if entry.slices:
+                values[i] = self.cuda().upload(reader.read(name, allocate=aligned_empty), device)
+            elif entry.size <= self.options.effective_pack_threshold:
+                small.setdefault(device.index, []).append(i)
+            else:
+                values[i] = self.cuda().load(reader, name, entry, device)
+        for index, positions in small.items():
+            for part in _parts(positions, [reader.entry(batch[i][0]).size for i in positions],
+                               self.cuda().load_pool.buffer_size):
+                outs = self.cuda().load_small(reader, [batch[i][0] for i in part], batch[part[0]][1])
+                values.update(zip(part, outs))
+        return [values[i] for i in range(len(batch))]
+
+
+def _parts(positions: list[int], sizes: list[int], limit: int) -> list[list[int]]:
+    """Split positions into runs whose packed sizes fit ``limit`` bytes."""
+    parts, end = [[]], 0
+    for pos, size in zip(positions, sizes):
+        start = align_up(end, 16)
+        if parts[-1] and start + size > limit:
+            parts.append([])
+            start = 0
+        parts[-1].append(pos)
+        end = start + size
+    return [p for p in parts if p]
+
+
+class SaveBuffers:
+    """One save's claim on a Stager's buffers, by snapshot mode:
+
+    - ``reference``: host arrays as views; CUDA arrays through the bounded pinned pool;
+    - ``copy``: both through the bounded pools;
+    - ``host``: both into the Stager's model-sized arenas (pinned for CUDA), held until written.
+
+    ``session(items)`` gives one shard its staging; ``close()`` gives everything back.
+    """
+
+    def __init__(self, stager: Stager, items: list[SaveItem], mode: str, ready: dict):
+        self._stager, self._ready = stager, ready
+        self._leases, self._sessions = [], []
+        chunk = stager.options.effective_chunk
+        self._host_dest = {"reference": None, "copy": stager.host_pool}.get(mode)
+        self._cuda_dest = None  # the engine's pinned pool
+        try:
+            if mode == "host":
+                host = [i for i in items if not i.device.is_cuda and i.dtype.kind not in "OSU"]
+                self._host_dest = self._lease(stager.host_arena, host, chunk)
+                cuda = [i for i in items if i.device.is_cuda]
+                if cuda:
+                    self._cuda_dest = self._lease(stager.cuda().arena, cuda, chunk)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lease(self, arena: Arena, items: list[SaveItem], chunk: int):
+        # Each item is taken in chunk-sized pieces, each starting aligned.
+        need = sum((i.nbytes // chunk) * align_up(chunk) + align_up(i.nbytes % chunk) for i in items)
+        lease = arena.lease(need, chunk)
+        self._leases.append(lease)
+        return lease
+
+    def session(self, items: list[SaveItem]) -> "_ShardStaging":
+        s = _ShardStaging(self, items)
+        self._sessions.append(s)
+        return s
+
+    def close(self):
+        for s in self._sessions:
+            s.close()
+        for lease in self._leases:
+            lease.close()
+        self._sessions, self._leases = [], []
+
+
+class _ShardStaging:
+    """A shard's staging: host and CUDA items each through their engine's per-save state."""
+
+    def __init__(self, buffers: SaveBuffers, items: list[SaveItem]):
+        stager, opts = buffers._stager, buffers._stager.options
+        host = [i for i in items if not i.device.is_cuda]
+        cuda = [i for i in items if i.device.is_cuda]
+        self._host = stager.host.session(host, buffers._host_dest, opts.effective_pack_threshold,
+                                         opts.effective_chunk)
+        self._cuda = (stager.cuda().session(cuda, buffers._cuda_dest, buffers._ready)
+                      if cuda else None)
+
+    def chunks(self, item: SaveItem, cancelled):
+        return (self._cuda if item.device.is_cuda else self._host).chunks(item, cancelled)
+
+    def close(self):
+        self._host.close()
+        if self._cuda is not None:
+            self._cuda.close()
