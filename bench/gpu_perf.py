@@ -115,7 +115,7 @@ class Bench:
         del pinned, dev
         return out
 
-    def staging_only(self, arrays: dict, options, mode: str) -> dict:
+    def staging_only(self, arrays: dict, options, mode: str, profile: bool = False) -> dict:
         """Every chunk of a save staged and handed back; the writer is replaced by a release."""
         from gpusaver.staging.stager import Stager
         stager = Stager(options)
@@ -137,6 +137,8 @@ class Bench:
         first = once()
         result = median_of(once, self.runs, warmup=0)
         result["first_s"] = first
+        if profile:
+            result["profile"] = profiled(once)
         return result
 
     def upload_only(self, nbytes: int, options) -> dict:
@@ -160,6 +162,9 @@ class Bench:
         cp = self.cp
         big = cp.random.randint(0, 255, 256 * MiB, dtype=cp.uint8)
         small = cp.random.randint(0, 255, 4096, dtype=cp.uint8)
+        t0 = time.perf_counter()
+        kernels.load_kernels()  # NVRTC compile (or CuPy's disk cache), once per process
+        compile_s = time.perf_counter() - t0
         kernels.device_crc32c(big)
         large = median_of(lambda: self.events(lambda s: kernels.crc32c_start(big, stream=s)), self.runs)
 
@@ -169,7 +174,8 @@ class Bench:
                 kernels.device_crc32c(small)
             return (time.perf_counter() - t0) / 1000
 
-        return {"large_256MiB": large, "gbps": big.nbytes / large["median_s"] / 1e9,
+        return {"first_kernel_load_s": compile_s, "large_256MiB": large,
+                "gbps": big.nbytes / large["median_s"] / 1e9,
                 "small_4KiB_us": median_of(smalls, self.runs)["median_s"] * 1e6}
 
     def end_to_end(self, arrays: dict, directory: str, options) -> dict:
@@ -206,11 +212,25 @@ class Bench:
 
         out = {"save": median_of(save, self.runs), "plain_write": median_of(write, self.runs),
                "load": median_of(load, self.runs), "plain_read": median_of(read, self.runs)}
+        if len(arrays) > 5000:
+            out["save_profile"], out["load_profile"] = profiled(save), profiled(load)
         loaded = gpusaver.load(prefix, device="cuda:0", options=options)
         out["load_correct"] = all(bool(cp.array_equal(loaded[k].view(cp.uint8), v.view(cp.uint8)))
                                   for k, v in arrays.items())
         os.remove(path)
         return out
+
+
+def profiled(fn, top: int = 22) -> str:
+    """Where the time goes: cProfile's functions by own time, as text."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.runcall(fn)
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()[-6000:]
 
 
 def gbps(nbytes, seconds):
@@ -228,6 +248,7 @@ def run_workload(b: Bench, workload: str, directory: str, record: dict):
         w[f"staging_{mode}"] = b.staging_only(arrays, opts, mode)
     if workload == "small10k":
         w["staging_unpacked"] = b.staging_only(arrays, gpusaver.Options(pack_threshold=0), "copy")
+        w["staging_profile"] = b.staging_only(arrays, opts, "copy", profile=True)["profile"]
     w["upload_only"] = b.upload_only(total, opts)
     if workload != "large8":
         w["e2e"] = b.end_to_end(arrays, directory, opts)
@@ -256,7 +277,7 @@ def run_workload(b: Bench, workload: str, directory: str, record: dict):
 def main(argv):
     out_path = argv[0] if argv and not argv[0].startswith("--") else "perf.json"
     quick = "--quick" in argv
-    workloads = [w for w in ("mix", "small10k", "mix_bf16", "large8")
+    workloads = [w for w in ("mix", "large8", "small10k", "mix_bf16")
                  if "--only" not in argv or w in argv[argv.index("--only") + 1:]]
     b = Bench(quick)
     cp = b.cp

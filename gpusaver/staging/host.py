@@ -6,6 +6,7 @@ import numpy as np
 from gpusaver.format.bundle import byte_view
 from gpusaver.format.wire import crc32c
 from gpusaver.staging.io_types import Chunk, SaveItem
+from gpusaver.staging.pool import BufferPool
 from gpusaver.staging.session import GroupedStaging, PackGroup
 
 
@@ -25,7 +26,8 @@ class HostEngine:
 class HostStaging(GroupedStaging):
     def __init__(self, items: list[SaveItem], dest, pack_threshold: int, chunk: int):
         # Views need no packing; copies pack small tensors into one buffer.
-        super().__init__(items, pack_threshold if dest is not None else 0, dest.size if dest else chunk)
+        super().__init__(items, pack_threshold if dest is not None else 0, dest.size if dest else chunk,
+                         dest_waits=isinstance(dest, BufferPool))
         self._dest = dest
         self._chunk = chunk
 

@@ -4,6 +4,7 @@ A save is a sequence of :class:`Chunk` per tensor; a copy engine (host or CUDA) 
 shard writer consumes them in order. Engines implement :class:`CopyEngine`.
 """
 import dataclasses
+import functools
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -46,7 +47,7 @@ class SaveItem:
     dtype: np.dtype
     shape: tuple[int, ...]
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
         return num_elements(self.shape) * self.dtype.itemsize
 

@@ -116,15 +116,19 @@ class SaveJob:
 
         try:
             # Small tensors travel to the writer in batches instead of begin/chunk/end each: models
-            # have thousands of them, and the queue hand-offs were most of their cost. A batch
-            # holds no pool buffers (copy mode, CUDA), so staging never waits on a batch's buffers.
+            # have thousands of them, and the queue hand-offs were most of their cost. A batch that
+            # holds pool buffers is sent before staging anything that may wait for a buffer, so
+            # staging never waits on buffers only the unsent batch would give back.
             batch: list[tuple[SaveItem, list[Chunk]]] = []
-            batch_bytes = 0
+            batch_bytes, batch_holds = 0, False
 
             def flush():
-                nonlocal batch, batch_bytes
+                nonlocal batch, batch_bytes, batch_holds
                 sent = not batch or put(("tensors", batch))
-                batch, batch_bytes = [], 0
+                if not sent:
+                    for _, chunks in batch:
+                        _release(chunks)
+                batch, batch_bytes, batch_holds = [], 0, False
                 return sent
 
             for item in items:
@@ -143,16 +147,14 @@ class SaveJob:
                     if not put(("end", item)):
                         return
                     continue
-                staged = (item, list(chunks))
-                if any(chunk.holds_buffer for chunk in staged[1]):
-                    if not (flush() and put(("tensors", [staged]))):
-                        _release(staged[1])
-                        return
-                    continue
-                if batch_bytes + item.nbytes > _BATCH_BYTES and not flush():
+                if batch_holds and staging.may_wait(item) and not flush():
                     return
+                staged = (item, list(chunks))
                 batch.append(staged)
                 batch_bytes += item.nbytes
+                batch_holds = batch_holds or any(chunk.holds_buffer for chunk in staged[1])
+                if batch_bytes >= _BATCH_BYTES and not flush():
+                    return
             if not flush():
                 return
             self._staged_one_shard()

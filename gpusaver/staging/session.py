@@ -98,9 +98,15 @@ class GroupedStaging:
     ``_pieces(item, cancelled)`` (tensors not in a group).
     """
 
-    def __init__(self, items: list[SaveItem], threshold: int, limit: int):
+    def __init__(self, items: list[SaveItem], threshold: int, limit: int, dest_waits: bool):
         self._groups = plan_groups(items, threshold, limit)
         self._group_of = {id(item): g for g in self._groups for item in g.items}
+        self._dest_waits = dest_waits
+
+    def may_wait(self, item: SaveItem) -> bool:
+        """Whether staging ``item`` may wait for a buffer to be given back."""
+        group = self._group_of.get(id(item))
+        return self._dest_waits and (group is None or not group.staged)
 
     def chunks(self, item: SaveItem, cancelled=lambda: False) -> Iterator[Chunk]:
         group = self._group_of.get(id(item))

@@ -1,5 +1,6 @@
 """The Stager: the copy engines and buffers one Saver (or the module-level functions) reuses, and
 each save's claim on them (:class:`SaveBuffers`)."""
+import functools
 import threading
 
 from gpusaver.errors import MismatchError, UnsupportedError
@@ -26,6 +27,8 @@ class Stager:
         self.host_pool = BufferPool(options.buffer_budget, options.effective_chunk)
         self.host_arena = Arena()
         self._cuda = None
+        self._cupy_array = None  # cupy.ndarray once the CUDA engine exists
+        self._dtypes_ok: set = set()
         self._lock = threading.Lock()
 
     def cuda(self):
@@ -34,6 +37,7 @@ class Stager:
             if self._cuda is None:
                 from gpusaver.staging.cuda.engine import CudaEngine  # imports CuPy
                 self._cuda = CudaEngine(self.options)
+                self._cupy_array = self._cuda.array_type
             return self._cuda
 
     # -- save ----------------------------------------------------------------------------------
@@ -43,7 +47,7 @@ class Stager:
         current streams are per thread, so this is the only place that can see the producer's."""
         device_ids = set()
         for name, value in values.items():
-            if devices.of_array(value).is_cuda:
+            if type(value) is self._cupy_array or devices.of_array(value).is_cuda:
                 values[name] = self.cuda().import_array(value)
                 device_ids.add(values[name].device.id)
         if not device_ids:
@@ -55,7 +59,7 @@ class Stager:
         come from producers that finished their work (the TF adapter synchronises first); any
         copy made here is ordered by one more event, on this thread's stream, added to ``ready``."""
         items = [self.item(name, convert(value)) for name, value in values.items()]
-        ids = {item.array.device.id for item in items if item.device.is_cuda}
+        ids = {item.device.index for item in items if item.device.is_cuda}
         for d, event in (self.cuda().ready_events(ids) if ids else {}).items():
             ready.setdefault(d, []).append(event)
         return items
@@ -64,17 +68,20 @@ class Stager:
         """Describe one array to save. Raises ValueError / UnsupportedError naming the tensor."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
-        device = devices.of_array(array)
-        if device.is_cuda:
-            array = self.cuda().import_array(array)
-            device = Device("cuda", array.device.id)
-        else:
-            array = as_host_array(array)
-        try:
-            dtype_to_enum(array.dtype)
-        except UnsupportedError as e:
-            raise UnsupportedError(f"tensor {name!r}: {e}") from None
-        return SaveItem(name, array, device, array.dtype, tuple(int(d) for d in array.shape))
+        # Models have thousands of tensors: CuPy arrays that hold() imported skip the generic checks.
+        if type(array) is not self._cupy_array or not array.flags.c_contiguous:
+            if devices.of_array(array).is_cuda:
+                array = self.cuda().import_array(array)
+            else:
+                array = as_host_array(array)
+        device = _cuda_device(array.device.id) if type(array) is self._cupy_array else devices.CPU
+        if array.dtype not in self._dtypes_ok:
+            try:
+                dtype_to_enum(array.dtype)
+            except UnsupportedError as e:
+                raise UnsupportedError(f"tensor {name!r}: {e}") from None
+            self._dtypes_ok.add(array.dtype)
+        return SaveItem(name, array, device, array.dtype, array.shape)  # numpy/CuPy shapes are int tuples
 
     def buffers(self, items: list[SaveItem], mode: str, ready: dict) -> "SaveBuffers":
         return SaveBuffers(self, items, mode, ready)
@@ -107,6 +114,11 @@ class Stager:
                 outs = self.cuda().load_small(reader, [batch[i][0] for i in part], batch[part[0]][1])
                 values.update(zip(part, outs))
         return [values[i] for i in range(len(batch))]
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device(index: int) -> Device:
+    return Device("cuda", index)
 
 
 def _parts(positions: list[int], sizes: list[int], limit: int) -> list[list[int]]:
@@ -183,6 +195,9 @@ class _ShardStaging:
 
     def chunks(self, item: SaveItem, cancelled):
         return (self._cuda if item.device.is_cuda else self._host).chunks(item, cancelled)
+
+    def may_wait(self, item: SaveItem) -> bool:
+        return (self._cuda if item.device.is_cuda else self._host).may_wait(item)
 
     def close(self):
         self._host.close()

@@ -48,6 +48,7 @@ class CudaEngine:
 
     def __init__(self, options: Options):
         self._cp = _cupy()
+        self.array_type = self._cp.ndarray
         self.options = options
         self.save_pool = BufferPool(options.buffer_budget, options.effective_chunk, allocate=pinned_empty)
         self.load_pool = BufferPool(options.buffer_budget, options.effective_chunk, allocate=pinned_empty)
@@ -70,7 +71,8 @@ class CudaEngine:
         """A C-contiguous CuPy view of a device array (DLPack/CAI import, no copy when contiguous).
         Call it on the thread that produced the array: a non-contiguous array is copied on that
         thread's current stream, and a DLPack producer orders its work against that stream."""
-        array = dlpack.import_array(array)
+        if type(array) is not self.array_type:
+            array = dlpack.import_array(array)
         return array if array.flags.c_contiguous else self._cp.ascontiguousarray(array)
 
     def ready_events(self, device_ids) -> dict[int, object]:
@@ -201,7 +203,8 @@ class CudaStaging(GroupedStaging):
     """
 
     def __init__(self, engine: CudaEngine, items: list[SaveItem], dest, ready: dict):
-        super().__init__(items, engine.options.effective_pack_threshold, dest.size)
+        super().__init__(items, engine.options.effective_pack_threshold, dest.size,
+                         dest_waits=isinstance(dest, BufferPool))
         self._engine, self._cp, self._dest = engine, engine._cp, dest
         self._ready = ready
         self._waited: set[int] = set()
