@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """gpusaver's CUDA path against the link, same bytes, same run (for bench/gpu_check.py).
 
-``python3 bench/gpu_perf.py OUT.json [--quick]``. Per workload — ``mix`` (1 GiB: 16 large + 2000
+``python3 bench/gpu_perf.py OUT.json [--quick] [--only mix,large8,small10k,mix_bf16] [--skip-unpacked-e2e]``.
+Per workload — ``mix`` (1 GiB: 16 large + 2000
 small), ``large8`` (8 GiB in 16 tensors), ``small10k`` (10,000 tensors of 4–64 KiB), float32, and
 ``mix`` in bfloat16 — it times, as medians after a warm-up:
 
@@ -125,7 +126,7 @@ class Bench:
             t0 = time.perf_counter()
             ready = stager.hold(values)
             items = stager.describe(values, lambda a: a, ready)
-            buffers = stager.buffers(items, mode, ready, 1)
+            buffers = stager.buffers(items, mode, ready)
             session = buffers.session(items)
             for item in items:
                 for chunk in session.chunks(item, lambda: False):
@@ -237,7 +238,7 @@ def gbps(nbytes, seconds):
     return round(nbytes / seconds / 1e9, 2) if seconds else None
 
 
-def run_workload(b: Bench, workload: str, directory: str, record: dict):
+def run_workload(b: Bench, workload: str, directory: str, record: dict, unpacked_e2e: bool = True):
     import gpusaver
     arrays = b.arrays(workload)
     total = sum(a.nbytes for a in arrays.values())
@@ -252,7 +253,7 @@ def run_workload(b: Bench, workload: str, directory: str, record: dict):
     w["upload_only"] = b.upload_only(total, opts)
     if workload != "large8":
         w["e2e"] = b.end_to_end(arrays, directory, opts)
-        if workload == "small10k":
+        if workload == "small10k" and unpacked_e2e:
             w["e2e_unpacked"] = b.end_to_end(arrays, directory, gpusaver.Options(pack_threshold=0))
     raw_d2h, raw_h2d = w["raw"]["raw_d2h"]["median_s"], w["raw"]["raw_h2d"]["median_s"]
     w["summary"] = {
@@ -277,8 +278,8 @@ def run_workload(b: Bench, workload: str, directory: str, record: dict):
 def main(argv):
     out_path = argv[0] if argv and not argv[0].startswith("--") else "perf.json"
     quick = "--quick" in argv
-    workloads = [w for w in ("mix", "large8", "small10k", "mix_bf16")
-                 if "--only" not in argv or w in argv[argv.index("--only") + 1:]]
+    only = argv[argv.index("--only") + 1].split(",") if "--only" in argv else None
+    workloads = [w for w in ("mix", "large8", "small10k", "mix_bf16") if only is None or w in only]
     b = Bench(quick)
     cp = b.cp
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -291,7 +292,7 @@ def main(argv):
               flush=True)
         for w in workloads:
             try:
-                run_workload(b, w, directory, record)
+                run_workload(b, w, directory, record, unpacked_e2e="--skip-unpacked-e2e" not in argv)
             except Exception as e:  # noqa: BLE001 — record and go on to the next workload
                 import traceback
                 record[w] = {"error": traceback.format_exc()[-3000:]}

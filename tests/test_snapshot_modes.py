@@ -28,8 +28,13 @@ def _item(name, n, dtype=np.float32, device="cpu"):
 
 def _save(prefix, arrays, options, **kw):
     """save_async(...).result() with a deadline, so a deadlock fails the test instead of hanging."""
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(lambda: gpusaver.save_async(prefix, arrays, options, **kw).result()).result(TIMEOUT)
+    done = []
+    t = threading.Thread(target=lambda: done.append(gpusaver.save_async(prefix, arrays, options, **kw).result()),
+                         daemon=True)
+    t.start()
+    t.join(TIMEOUT)
+    assert done, f"the save did not finish in {TIMEOUT} s (deadlock)"
+    return done[0]
 
 
 def _check(prefix, arrays):
@@ -81,6 +86,16 @@ def test_no_budget_chunk_threshold_shard_combination_deadlocks(tmp_path, mode, b
                             num_shards=shards, snapshot=mode)
     _save(str(tmp_path / "c"), arrays, opts)
     _check(str(tmp_path / "c"), arrays)
+
+
+@pytest.mark.parametrize("mode", ["copy", "host"])
+def test_many_pack_groups_through_two_buffers(tmp_path, mode):
+    # Small tensors reach the writer in batches; a batch holding pack buffers must be sent before
+    # the next group waits for a buffer, or the producer waits on buffers only that batch frees.
+    arrays = {f"t{i}": np.full(100, i, np.float32) for i in range(3000)}
+    opts = gpusaver.Options(buffer_budget=128 * 1024, chunk_size=64 * 1024, snapshot=mode)
+    _save(str(tmp_path / "g"), arrays, opts)
+    _check(str(tmp_path / "g"), arrays)
 
 
 def test_concurrent_saves_share_one_buffer_without_deadlock_or_mixing(tmp_path):

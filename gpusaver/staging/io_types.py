@@ -4,7 +4,6 @@ A save is a sequence of :class:`Chunk` per tensor; a copy engine (host or CUDA) 
 shard writer consumes them in order. Engines implement :class:`CopyEngine`.
 """
 import dataclasses
-import functools
 from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
@@ -46,10 +45,11 @@ class SaveItem:
     device: Device
     dtype: np.dtype
     shape: tuple[int, ...]
+    nbytes: int = -1  # bytes of the array's elements; computed when not given
 
-    @functools.cached_property
-    def nbytes(self) -> int:
-        return num_elements(self.shape) * self.dtype.itemsize
+    def __post_init__(self):
+        if self.nbytes < 0:
+            self.nbytes = num_elements(self.shape) * self.dtype.itemsize
 
 
 class Staging(Protocol):

@@ -136,11 +136,10 @@ class SaveJob:
                     if not (flush() and put(("strings", item))):
                         return
                     continue
-                chunks = staging.chunks(item, cancel.is_set)
                 if item.nbytes > _BATCH_BYTES:
                     if not (flush() and put(("begin", item))):
                         return
-                    for chunk in chunks:
+                    for chunk in staging.chunks(item, cancel.is_set):
                         if not put(("chunk", chunk)):
                             chunk.release()
                             return
@@ -149,7 +148,7 @@ class SaveJob:
                     continue
                 if batch_holds and staging.may_wait(item) and not flush():
                     return
-                staged = (item, list(chunks))
+                staged = (item, list(staging.chunks(item, cancel.is_set)))  # may stage (and wait) now
                 batch.append(staged)
                 batch_bytes += item.nbytes
                 batch_holds = batch_holds or any(chunk.holds_buffer for chunk in staged[1])

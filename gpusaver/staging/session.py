@@ -7,7 +7,7 @@ written in order, so a group that spanned a large tensor would hold its buffer w
 one waits for buffers — with a budget of one buffer, forever.
 """
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from gpusaver.staging.io_types import Chunk, SaveItem
 
@@ -108,14 +108,14 @@ class GroupedStaging:
         group = self._group_of.get(id(item))
         return self._dest_waits and (group is None or not group.staged)
 
-    def chunks(self, item: SaveItem, cancelled=lambda: False) -> Iterator[Chunk]:
+    def chunks(self, item: SaveItem, cancelled=lambda: False) -> Iterable[Chunk]:
         group = self._group_of.get(id(item))
         if group is None:
-            yield from self._pieces(item, cancelled)
-            return
+            return self._pieces(item, cancelled)
+        # A group member is one chunk: a tuple, not a generator, as models have thousands of them.
         if not group.staged and not self._stage_group(group, cancelled):
-            return
-        yield self._group_chunk(group, group.index[id(item)])
+            return ()
+        return (self._group_chunk(group, group.index[id(item)]),)
 
     def close(self):
         for group in self._groups:

@@ -86,6 +86,14 @@ class CudaEngine:
                 events[d].record()
         return events
 
+    def wait_events(self, events: dict[int, list]):
+        """Make this thread's current stream on each device wait for ``events`` {device: [event]}."""
+        for d, evs in events.items():
+            with self._cp.cuda.Device(d):
+                stream = self._cp.cuda.get_current_stream()
+                for event in evs:
+                    stream.wait_event(event)
+
     def session(self, items: list[SaveItem], dest, ready: dict) -> "CudaStaging":
         return CudaStaging(self, items, dest or self.save_pool, ready)
 
@@ -282,7 +290,8 @@ class CudaStaging(GroupedStaging):
         piece, host = t.data[t.next:t.next + n], buf[:n]
         with self._cp.cuda.Device(device_id):
             piece.get(stream=copy, out=host, blocking=False)  # async: host is pinned
-            t.pending.append((copy.record(), kernels.crc32c_start(piece, stream=crc_stream), host, buf))
+            crc = kernels.crc32c_start(piece, stream=crc_stream, copy_stream=copy)
+            t.pending.append((copy.record(), crc, host, buf))
         t.next += n
         return True
 

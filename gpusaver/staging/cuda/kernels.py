@@ -166,20 +166,29 @@ def device_crc32c(device_array, segment: int = 1 << 20, stream=None) -> int:
 class PendingCrc:
     """A device CRC launched on a stream; :meth:`result` waits for it and folds the segments."""
 
-    def __init__(self, segments, segment: int, nbytes: int, stream):
+    def __init__(self, segments, segment: int, nbytes: int, stream, host=None, landed=None):
         self._segments, self._segment, self._nbytes, self._stream = segments, segment, nbytes, stream
+        self._host, self._landed = host, landed
 
     def result(self) -> int:
         if self._segments is None:
             return 0
-        with _stream_ctx(self._stream):
-            crcs = self._segments.get()  # waits for this stream's work up to here
+        if self._host is not None:
+            self._landed.synchronize()
+            crcs = self._host
+        else:
+            with _stream_ctx(self._stream):
+                crcs = self._segments.get()  # waits for this stream's work up to here
         return combine_segments(crcs, self._segment, self._nbytes)
 
 
-def crc32c_start(device_array, segment: int = 1 << 20, stream=None) -> PendingCrc:
+def crc32c_start(device_array, segment: int = 1 << 20, stream=None, copy_stream=None) -> PendingCrc:
     """Launch :func:`device_crc32c`'s kernel without waiting: the CRC of chunk k is folded on
-    the host while the device already checksums chunk k+1. Same arguments and errors."""
+    the host while the device already checksums chunk k+1. Same arguments and errors.
+
+    ``copy_stream``: bring the segment CRCs back on this stream (after its work so far, and
+    after the kernel), into pinned memory, without blocking. A blocking read on the CRC stream
+    would queue behind the large copies the link is busy with and stall the staging thread."""
     cupy = _import_cupy()
     data = _device_bytes(cupy, device_array, "device_crc32c")
     segment = operator.index(segment)
@@ -196,7 +205,18 @@ def crc32c_start(device_array, segment: int = 1 << 20, stream=None) -> PendingCr
         grid = min(nseg, 8 * _sm_count(cupy, data.device.id), _MAX_GRID)
         _kernel("crc32c_segments")(
             (grid,), (_CRC_THREADS,), (data, np.uint64(n), np.uint64(segment), out))
-    return PendingCrc(out, segment, n, stream)
+        if copy_stream is None:
+            return PendingCrc(out, segment, n, stream)
+        copy_stream.wait_event(cupy.cuda.get_current_stream().record())
+        host = _pinned_uint32(cupy, nseg)
+        out.get(stream=copy_stream, out=host, blocking=False)
+        return PendingCrc(out, segment, n, stream, host, copy_stream.record())
+
+
+def _pinned_uint32(cupy, n: int) -> np.ndarray:
+    # CuPy's pinned pool: a few bytes per chunk, reused from the pool after the first chunks.
+    mem = cupy.cuda.alloc_pinned_memory(4 * n)
+    return np.frombuffer(mem, dtype=np.uint32, count=n)
 
 
 def _metadata(cupy, columns: Sequence[Sequence[int]]):
