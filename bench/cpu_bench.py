@@ -2,7 +2,8 @@
 """CPU checkpoint bench: gpusaver against tf.compat.v1.train.Saver and tf.train.Checkpoint.
 
 The same as ``gpusaver bench``; every option of ``gpusaver bench --help`` applies, e.g.
-``python bench/cpu_bench.py --sizes 1 --workloads mix --runs 5`` (results in bench/results/).
+``python bench/cpu_bench.py --sizes 1 --workloads mix --runs 5``. Unlike ``gpusaver bench``, which
+writes to a fresh folder, this script refreshes the committed ``bench/results/`` unless given ``--out``.
 """
 import os
 import sys
@@ -13,4 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpusaver.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    args = sys.argv[1:]
+    if "--out" not in args:
+        args += ["--out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")]
+    sys.exit(main(["bench", *args]))

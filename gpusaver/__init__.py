@@ -4,20 +4,31 @@
 plain arrays (numpy, CuPy, torch, DLPack) without TensorFlow.
 """
 from gpusaver.core import load, save, save_async
-from gpusaver.errors import (CheckpointNotFoundError, CorruptCheckpointError, GpusaverError, MismatchError,
-                             MissingKeysError, UnsupportedError)
+from gpusaver.errors import (CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError, GpusaverError,
+                             InvalidArgumentError, InvalidTypeError, MismatchError, MissingKeysError,
+                             UnsupportedError)
 from gpusaver.format.state import latest_checkpoint
 from gpusaver.options import Options
 
-__all__ = ["Saver", "Options", "save", "save_async", "load", "latest_checkpoint", "GpusaverError",
-           "CheckpointNotFoundError", "CorruptCheckpointError", "MismatchError", "MissingKeysError",
-           "UnsupportedError"]
+__all__ = ["Saver", "Checkpoint", "Options", "save", "save_async", "load", "latest_checkpoint", "GpusaverError",
+           "CheckpointNotFoundError", "CorruptCheckpointError", "CheckpointIOError", "InvalidArgumentError",
+           "InvalidTypeError", "MismatchError", "MissingKeysError", "UnsupportedError"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     # The Saver needs TensorFlow; importing it lazily keeps `import gpusaver` TF-free.
     if name == "Saver":
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "gpusaver.Saver needs TensorFlow, which is not installed: pip install 'gpusaver[tf]' "
+                "(from a clone of the repository: pip install -e '.[tf]'). save/save_async/load work "
+                "without it.") from e
         from gpusaver.saver import Saver
         return Saver
+    if name == "Checkpoint":
+        from gpusaver.tf.checkpoint import Checkpoint
+        return Checkpoint
     raise AttributeError(f"module 'gpusaver' has no attribute {name!r}")

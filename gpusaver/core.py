@@ -9,6 +9,7 @@ import threading
 from typing import Any, Iterable, Mapping
 
 from gpusaver.errors import MissingKeysError
+from gpusaver.format import paths
 from gpusaver.format.bundle import BundleReader
 from gpusaver.options import Options
 from gpusaver.staging import devices, pipeline
@@ -46,7 +47,12 @@ def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | N
     so ``"auto"`` may hold them instead of copying. ``to_array``: an adapter's conversion applied
     to each value on the save thread; such an adapter orders its device work itself (the TF
     adapter synchronises TF's devices first).
+
+    Raises InvalidTypeError / InvalidArgumentError (at once) for a prefix that is None, empty, a
+    directory or a checkpoint file's name; CheckpointIOError (from ``result()``) naming the file
+    when writing fails, the previous checkpoint under that prefix left as it was.
     """
+    file_prefix = paths.for_write(file_prefix, "save")
     options = options or Options()
     stager = stager or _default_stager(options)
     mode = options.snapshot_mode(copy_on_write)
@@ -54,7 +60,7 @@ def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | N
     ready = stager.hold(values) if to_array is None else {}
     convert = to_array or (lambda a: a)
 
-    job = pipeline.SaveJob(str(file_prefix), lambda: stager.describe(values, convert, ready), options, mode,
+    job = pipeline.SaveJob(file_prefix, lambda: stager.describe(values, convert, ready), options, mode,
                            lambda items: stager.buffers(items, mode, ready),
                            on_done).start()
     if mode == "copy" or (mode == "host" and not copy_on_write):
@@ -77,19 +83,25 @@ def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], stag
 
 def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",
          options: Options | None = None) -> dict[str, Any]:
-    """Read tensors of a TF checkpoint (all, or ``keys``) onto ``device``.
+    """Read tensors of a TF checkpoint (all, or ``keys``: names, or one name as a str) onto ``device``.
 
+    ``file_prefix``: a checkpoint prefix, a directory (its latest checkpoint, per its state file)
+    or one of the checkpoint's files (``.index``, ``.data-*``).
     ``device``: "cpu" (numpy arrays), "cuda:N" (CuPy arrays on GPU N), or a dict name → device.
-    Raises CheckpointNotFoundError, MissingKeysError (listing every missing key),
-    CorruptCheckpointError (naming tensor and file).
+    Raises CheckpointNotFoundError (listing the checkpoints that do exist nearby), MissingKeysError
+    (listing every missing key), CorruptCheckpointError (naming tensor and file), ImportError
+    naming the extra to install for a CUDA device without CuPy.
     """
+    file_prefix = paths.for_read(file_prefix, "load")
+    if isinstance(keys, (str, bytes)):  # one key, not its characters
+        keys = [keys.decode() if isinstance(keys, bytes) else keys]
     options = options or Options()
     stager = _default_stager(options)
     with BundleReader(file_prefix) as reader:
         names = reader.keys() if keys is None else list(keys)
         missing = [n for n in names if n not in reader]
         if missing:
-            raise MissingKeysError(missing, str(file_prefix))
+            raise MissingKeysError(missing, file_prefix)
         if isinstance(device, Mapping):
             requests = [(n, devices.parse(device.get(n, "cpu"))) for n in names]
         else:

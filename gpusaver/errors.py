@@ -40,3 +40,33 @@ class MismatchError(GpusaverError, ValueError):
 
 class UnsupportedError(GpusaverError, NotImplementedError):
     """A valid checkpoint feature gpusaver does not handle (e.g. big-endian bundles)."""
+
+
+class CheckpointIOError(GpusaverError, OSError):
+    """Reading or writing a checkpoint file failed (disk full, a directory in the way, no
+    permission). ``errno`` and ``filename`` are those of the underlying ``OSError``; the message
+    names the file and, where one is involved, the tensor."""
+
+
+class InvalidArgumentError(GpusaverError, ValueError):
+    """An argument has the right type but cannot be used (an empty prefix, a directory where a
+    prefix is written); the message says what to pass instead."""
+
+
+class InvalidTypeError(GpusaverError, TypeError):
+    """An argument of the wrong type (None where a prefix is expected, a tensor in ``var_list``);
+    the message names it, its type and what to pass instead."""
+
+
+def io_error(error: OSError, path: str, what: str = "", tensor: str | None = None) -> CheckpointIOError:
+    """``error`` as a CheckpointIOError whose message names ``path`` (and ``tensor``), keeping its errno.
+
+    ``what``: the action, e.g. ``"writing checkpoint data"``."""
+    about = f" (tensor {tensor!r})" if tensor is not None else ""
+    hint = {28: " (disk full: free space or save elsewhere)",
+            21: " (a directory is in the way: remove it or choose another prefix)",
+            13: " (no permission: choose a writable directory)"}.get(error.errno, "")
+    message = f"{what or 'accessing'}{about}: {error.strerror or error}{hint}"  # str() appends the path
+    out = CheckpointIOError(error.errno, message)
+    out.filename = path
+    return out

@@ -1,6 +1,7 @@
 """``gpusaver.Saver``: the contract of ``tf.contrib.eager.Saver`` over the staging core."""
 import concurrent.futures
 import glob
+import logging
 import os
 import threading
 import time
@@ -9,12 +10,15 @@ import numpy as np
 
 from gpusaver import core
 from gpusaver.errors import MissingKeysError
-from gpusaver.format import naming
+from gpusaver.format import naming, paths
 from gpusaver.format.bundle import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
+from gpusaver.log import log_done
 from gpusaver.options import Options
 from gpusaver import tf_adapter
 from gpusaver.staging.devices import Device
+
+logger = logging.getLogger("gpusaver")
 
 
 def _step(global_step) -> int:
@@ -33,6 +37,37 @@ def remove_checkpoint(prefix: str):
             pass
 
 
+class _SaveFuture(concurrent.futures.Future):
+    """The future :meth:`Saver.save_async` returns: it notes whether anyone looked at its outcome
+    (``result()``, ``exception()``), so a failure nobody saw is raised by the Saver's next call."""
+
+    observed = False
+
+    def result(self, timeout=None):
+        self.observed = True
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self.observed = True
+        return super().exception(timeout)
+
+    def cancel(self):  # the save runs on; its outcome still arrives here
+        return False
+
+    @classmethod
+    def following(cls, inner: concurrent.futures.Future) -> "_SaveFuture":
+        outer = cls()
+
+        def copy(f):
+            error = f.exception()
+            if error is None:
+                outer.set_result(f.result())
+            else:
+                outer.set_exception(error)
+        inner.add_done_callback(copy)
+        return outer
+
+
 class Saver:
     """Saves and restores TF variables in TensorFlow's V2 checkpoint format.
 
@@ -43,7 +78,12 @@ class Saver:
             ones' files (default 5, as TF's Saver); None keeps all.
         options: :class:`gpusaver.Options` (staging budget, shards, snapshot mode, ...).
 
-    Raises RuntimeError when eager execution is off, MismatchError when two variables share a name.
+    Raises RuntimeError when eager execution is off, MismatchError when two variables share a name,
+    InvalidTypeError naming any element of ``var_list`` that is not a variable.
+
+    Failed background saves are never dropped: if a :meth:`save_async` fails and nobody called
+    its future's ``result()`` or ``exception()``, the Saver's next :meth:`save`,
+    :meth:`save_async` or :meth:`wait` raises that error (once; the call after goes ahead).
     """
 
     def __init__(self, var_list, *, max_to_keep: int | None = 5, options: Options | None = None):
@@ -72,16 +112,24 @@ class Saver:
         updated only after the new checkpoint's files are complete. The interpreter does not exit
         while a save is in flight.
 
-        Memory: in the default ``snapshot="reference"`` mode the save holds the variables' current
-        buffers; a variable assigned before its bytes are written keeps its old buffer alive until
-        then (at most one extra copy of the model). ``snapshot="copy"`` bounds that by the budget.
+        Memory: with the default ``snapshot="auto"`` (``"reference"`` for these copy-on-write
+        variable reads) the save holds the variables' current buffers; a variable assigned before its
+        bytes are written keeps its old buffer alive until then (at most one extra copy of the
+        model, on its device). ``"host"`` copies everything to a reused page-locked host buffer at
+        link speed and lets device buffers go at once; ``"copy"`` bounds host memory by the budget.
+
+        Raises the error of the previous save_async if it failed and nobody looked at its future
+        (this save is then not started); InvalidTypeError / InvalidArgumentError for a prefix that
+        is None, empty, a directory or a checkpoint file's name. From ``result()``:
+        CheckpointIOError naming the file (disk full, ...), after which the previous checkpoint
+        under that prefix and the state file are as they were.
         """
         tf_adapter.require_eager("save")
-        prefix = os.fspath(file_prefix)
+        prefix = paths.for_write(file_prefix, "Saver.save")
         if global_step is not None:
             prefix = f"{prefix}-{_step(global_step)}"
         with self._lock:
-            self.wait(raise_errors=False)
+            self._raise_unobserved()
             # Holding the tensors is the snapshot; turning them into arrays happens in the background.
             tensors = dict(zip(self._vars, self._read_all()))
             if self._on_gpu:
@@ -93,6 +141,7 @@ class Saver:
             future = core.save_async(prefix, tensors, self._options, stager=self._stager,
                                      on_done=self._commit, to_array=tf_adapter.as_array,
                                      copy_on_write=True)
+            future = _SaveFuture.following(future)
             self._inflight = future
         return future
 
@@ -105,22 +154,39 @@ class Saver:
         future = self._inflight
         if future is None:
             return
-        error = future.exception()
-        if error is not None and raise_errors:
-            raise error
+        if raise_errors:
+            error = future.exception()  # marks it seen
+            if error is not None:
+                raise error
+        else:
+            concurrent.futures.wait([future])
+
+    def _raise_unobserved(self):
+        """Wait for the save in flight; raise its error if it failed and nobody has seen it."""
+        future = self._inflight
+        if future is None:
+            return
+        concurrent.futures.wait([future])
+        if not future.observed and future.exception() is not None:
+            raise future.exception()
 
     def _commit(self, prefix: str) -> str:
-        """Runs on the save thread once the index exists: state file, then retention."""
+        """Runs on the save thread once the files are in place: state file, then retention. If
+        the state file cannot be written, nothing here changes and the writer rolls back."""
         directory = os.path.dirname(prefix) or "."
-        self._kept = [(p, t) for p, t in self._kept if p != prefix] + [(prefix, time.time())]
+        kept = [(p, t) for p, t in self._kept if p != prefix] + [(prefix, time.time())]
         removed = []
         if self._max_to_keep is not None:
-            while len(self._kept) > max(self._max_to_keep, 1):
-                removed.append(self._kept.pop(0)[0])
-        rel = [os.path.relpath(p, directory) for p, _ in self._kept]
-        write_state(directory, CheckpointState(rel[-1], rel, [t for _, t in self._kept]))
+            while len(kept) > max(self._max_to_keep, 1):
+                removed.append(kept.pop(0)[0])
+        rel = [os.path.relpath(p, directory) for p, _ in kept]
+        write_state(directory, CheckpointState(rel[-1], rel, [t for _, t in kept]))
+        self._kept = kept
         for old in removed:  # after the state file stops naming them
-            remove_checkpoint(old)
+            try:
+                remove_checkpoint(old)
+            except OSError as e:  # the new checkpoint is committed: a leftover old one is no reason to undo it
+                logger.warning("could not delete old checkpoint %r: %s", old, e)
         return prefix
 
     def restore(self, file_prefix: str, device_map: dict | None = None):
@@ -130,16 +196,23 @@ class Saver:
         into GPU memory through CuPy where the variable is on a GPU — or on ``device_map[that
         device]`` instead (e.g. ``{"/GPU:0": "/GPU:1"}``, or ``{"/GPU:0": "/CPU:0"}`` to stage on
         the host and let TF upload), then assigned; TF copies it across if the two differ. The
-        checkpoint may hold more tensors than the Saver. Raises CheckpointNotFoundError,
-        MissingKeysError (listing all missing names), MismatchError (dtype/shape, naming the variable
-        and both values) before any variable is changed; CorruptCheckpointError on a bad CRC.
+        checkpoint may hold more tensors than the Saver. ``file_prefix`` may also be a directory (its
+        latest checkpoint) or one of the checkpoint's files.
+
+        All or nothing: if anything fails, every variable keeps the value it had before the call.
+        Raises CheckpointNotFoundError (listing the checkpoints nearby), InvalidTypeError for None,
+        MissingKeysError (listing all missing names), MismatchError (dtype/shape, naming the
+        variable and both values) before any variable is changed; CorruptCheckpointError (a bad
+        CRC, naming tensor and file) or CheckpointIOError, after which the variables are put back.
         """
         tf_adapter.require_eager("restore")
         self.wait(raise_errors=False)
-        with BundleReader(os.fspath(file_prefix)) as reader:
+        started = time.perf_counter()
+        prefix = paths.for_read(file_prefix, "Saver.restore")
+        with BundleReader(prefix) as reader:
             missing = [n for n in self._vars if n not in reader]
             if missing:
-                raise MissingKeysError(missing, os.fspath(file_prefix))
+                raise MissingKeysError(missing, prefix)
             for name, var in self._vars.items():
                 entry = reader.entry(name)
                 tf_adapter.check_fits(name, var, entry.dtype, entry.shape)
@@ -150,8 +223,24 @@ class Saver:
                 if var.device not in by_device:
                     by_device[var.device] = tf_adapter.target_device(var, device_map)
                 requests.append((name, self._staging_device(by_device[var.device], reader.dtype(name))))
-            for name, value in core.load_iter(reader, requests, self._stager):
-                tf_adapter.assign(self._vars[name], value)
+            # Values arrive in file order and are assigned as they come (overlapping reads); the
+            # previous values are held (copy-on-write reads: no copy, a few batched op calls) and
+            # put back if a later tensor fails, so a failed restore changes nothing. They are read
+            # once the first value is in, while the reader threads fetch the next batches.
+            previous: dict | None = None
+            assigned = []
+            try:
+                for name, value in core.load_iter(reader, requests, self._stager):
+                    if previous is None:
+                        previous = dict(zip(self._vars, self._read_all()))
+                    assigned.append(name)
+                    tf_adapter.assign(self._vars[name], value)
+            except BaseException:
+                for name in assigned:
+                    tf_adapter.assign_tensor(self._vars[name], previous[name])
+                raise
+            log_done("restore", prefix, sum(reader.entry(n).size for n in self._vars),
+                     time.perf_counter() - started)
 
     def _staging_device(self, target: Device, dtype) -> Device:
         """Upload through CuPy when the target is a GPU and CuPy is there; otherwise TF uploads."""

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context, execute  # for the batched variable read
 
-from gpusaver.errors import MismatchError
+from gpusaver.errors import InvalidTypeError, MismatchError
 from gpusaver.format.dtypes import enum_to_dtype
 from gpusaver.staging import devices
 from gpusaver.staging.devices import Device
@@ -34,14 +34,19 @@ def require_eager(what: str):
                            "(tf.compat.v1.enable_eager_execution, the TF2 default)")
 
 
-def _tf_variable(var):
-    """The tf.Variable behind a tf.Variable or a Keras 3 variable; TypeError for anything else."""
+def _tf_variable(var, where: str = "var_list element"):
+    """The tf.Variable behind a tf.Variable or a Keras 3 variable; InvalidTypeError for anything else."""
     if isinstance(var, tf.Variable):
         return var
     inner = getattr(var, "value", None)
     if hasattr(var, "path") and isinstance(inner, tf.Variable):
         return inner
-    raise TypeError(f"expected a tf.Variable or Keras variable, got {type(var).__name__}: {var!r}")
+    text = repr(var)
+    text = text if len(text) <= 80 else text[:77] + "..."
+    hint = (" (a tensor holds no state: wrap it in tf.Variable)" if tf.is_tensor(var) or isinstance(var, np.ndarray)
+            else "")
+    raise InvalidTypeError(f"{where}: expected a tf.Variable or Keras variable, got "
+                           f"{type(var).__name__}: {text}{hint}")
 
 
 def default_name(var) -> str:
@@ -54,12 +59,24 @@ def default_name(var) -> str:
 def name_variables(var_list) -> dict[str, tf.Variable]:
     """{checkpoint name: tf.Variable} from a list or a dict (keys verbatim), as TF's Saver names them.
 
-    Raises MismatchError naming the name two different variables share, TypeError for non-variables.
+    Raises MismatchError naming the name two different variables share, InvalidTypeError naming
+    an element that is not a variable (``var_list[i]`` or ``var_list[key]``) and its type.
     """
-    pairs = var_list.items() if isinstance(var_list, dict) else ((default_name(v), v) for v in var_list)
+    if isinstance(var_list, (str, bytes, tf.Variable)) or tf.is_tensor(var_list) or not hasattr(var_list, "__iter__"):
+        raise InvalidTypeError(f"var_list must be a list of variables or a dict {{name: variable}}, got "
+                               f"{type(var_list).__name__}: {var_list!r:.80}")
+    if isinstance(var_list, dict):
+        items = [(f"var_list[{k!r}]", k, v) for k, v in var_list.items()]
+        for where, key, _ in items:
+            if not isinstance(key, str):
+                raise InvalidTypeError(f"{where}: checkpoint names must be str, got {type(key).__name__}")
+    else:
+        items = [(f"var_list[{i}]", None, v) for i, v in enumerate(var_list)]
     named: dict[str, tf.Variable] = {}
-    for name, var in pairs:
-        tf_var = _tf_variable(var)
+    for where, name, var in items:
+        tf_var = _tf_variable(var, where)
+        if name is None:
+            name = default_name(var)
         if name in named and named[name] is not tf_var:
             raise MismatchError(f"two different variables share the checkpoint name {name!r}")
         named[name] = tf_var
@@ -202,7 +219,7 @@ def as_array(value):
         return np.from_dlpack(tf.bitcast(value, tf.uint16)).view(ml_dtypes.bfloat16)
     try:
         return np.from_dlpack(value)
-    except (RuntimeError, TypeError, BufferError):
+    except (RuntimeError, TypeError, BufferError, AttributeError):  # TF 2.16 tensors lack __dlpack__
         return value.numpy()
 
 
@@ -212,9 +229,11 @@ def check_fits(name: str, var: tf.Variable, dtype_enum: int, shape: tuple[int, .
     found = enum_to_dtype(dtype_enum)
     if found != want_dtype:
         raise MismatchError(f"variable {name!r}: dtype in checkpoint is {found}, variable is {want_dtype}")
-    want_shape = tuple(var.shape.as_list())
-    if tuple(shape) != want_shape:
-        raise MismatchError(f"variable {name!r}: shape in checkpoint is {tuple(shape)}, variable is {want_shape}")
+    # A variable made with an unknown (or partly known) shape takes any shape that fits it, as
+    # with TF's Saver.
+    if not var.shape.is_compatible_with(tuple(shape)):
+        want = tuple(var.shape.as_list()) if var.shape.rank is not None else var.shape
+        raise MismatchError(f"variable {name!r}: shape in checkpoint is {tuple(shape)}, variable is {want}")
 
 
 def device_of(var: tf.Variable) -> Device:
@@ -348,6 +367,11 @@ def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
         return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
     except Exception:  # e.g. a dtype TF's DLPack import refuses
         return tf.convert_to_tensor(value, dtype=dtype)
+
+
+def assign_tensor(var: tf.Variable, tensor: tf.Tensor):
+    """Assign a TF tensor (e.g. a value read before a failed restore) to ``var``, as it is."""
+    tf.raw_ops.AssignVariableOp(resource=var.handle, value=tensor)
 
 
 def assign(var: tf.Variable, value):

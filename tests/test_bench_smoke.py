@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 
@@ -25,9 +26,20 @@ def _gpusaver(*args, timeout=600):
 
 
 def test_bench_tiny_cpu(tmp_path):
-    out = tmp_path / "results"
-    proc = _gpusaver("bench", "--tiny", "--workloads", "mix", "--out", str(out))
+    """Run from elsewhere, without --out, by an interpreter whose sys.path was set in-process (as
+    bench/cpu_bench.py does from a clone): results go to a fresh folder (never onto an earlier run's
+    or the repository's bench/results), and the peak-memory children import the same gpusaver."""
+    site = [sysconfig.get_paths()[k] for k in ("purelib", "platlib")]
+    code = (f"import sys; sys.path[:0] = {[ROOT, *dict.fromkeys(site)]!r}; from gpusaver.cli import main; "
+            "sys.exit(main(['bench', '--tiny', '--workloads', 'mix']))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # The base interpreter: no site-packages of this venv, so no editable install to fall back on.
+    python = getattr(sys, "_base_executable", sys.executable)
+    proc = subprocess.run([python, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (out,) = [p for p in tmp_path.iterdir() if p.name.startswith("gpusaver-bench-")]
+    assert not (tmp_path / "bench").exists()
 
     result = json.loads((out / "results.json").read_text())
     assert (out / "results.png").stat().st_size > 0

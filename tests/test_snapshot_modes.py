@@ -214,3 +214,11 @@ def test_default_stager_is_one_per_options_even_when_created_concurrently():
     with concurrent.futures.ThreadPoolExecutor(8) as ex:
         stagers = set(map(id, ex.map(lambda _: core._default_stager(opts), range(32))))
     assert len(stagers) == 1
+
+
+def test_completed_saves_are_logged_at_info(tmp_path, caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="gpusaver"):
+        gpusaver.save(str(tmp_path / "l"), {"x": np.ones(1000, np.float32)})
+    (record,) = [r for r in caplog.records if getattr(r, "gpusaver_what", None) == "save"]
+    assert record.gpusaver_bytes == 4000 and record.gpusaver_prefix == str(tmp_path / "l")

@@ -317,14 +317,23 @@ def memory_child(name: str, workload: Workload, directory: str, repeats: int = 2
             "repeats": repeats, "timings": timings}
 
 
-def _run_child(name: str, workload: Workload, directory: str) -> dict:
-    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(gpusaver.__file__))))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+def _child_env() -> dict:
+    """The child's environment: it must import the very gpusaver (and numpy, TF) this process
+    imported, wherever that came from (an install, a checkout on sys.path, a script that put the
+    checkout there itself) and whatever the working directory is."""
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(gpusaver.__file__)))
+    paths = [package_root] + [os.path.abspath(p) for p in sys.path if p and os.path.isdir(p)]
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def _run_child(name: str, workload: Workload, directory: str) -> dict:
     cmd = [sys.executable, "-m", "gpusaver.bench.cpu", "--memory-child", name, "--kind", workload.kind,
            "--bytes", str(workload.size_bytes), "--dtype", workload.dtype, "--dir", directory]
     cmd += ["--tiny"] if workload.tiny else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"}

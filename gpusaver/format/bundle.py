@@ -2,19 +2,22 @@
 
 Writer: each tensor is declared (name, dtype, shape), then its bytes appended in any number of chunks
 from any buffer; the CRC32C is extended per chunk, so no tensor is ever joined into one ``bytes``.
-Data files are written under temporary names and renamed at :meth:`BundleWriter.finish`, data first
-and the index last, so a failed save leaves nothing under the final names.
+Data files and the index are written under temporary names and renamed over the final ones at
+:meth:`BundleWriter.finish`, data first and the index last; files a save replaces are kept aside
+(hard links) until it has committed, so a failed save leaves the previous checkpoint as it was.
 
 Reader: looks entries up in the index, checks every size and offset against the files before reading
 or allocating, verifies each tensor's CRC32C, and assembles partitioned (sliced) variables.
 """
 import math
 import os
+import stat
 import threading
 
 import numpy as np
 
-from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError
+from gpusaver.errors import (CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError,
+                             io_error)
 from gpusaver.format import naming, strings
 from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
@@ -61,7 +64,10 @@ class ShardWriter:
         self.shard_id = shard_id
         self.final_path = naming.data_path(bundle.prefix, shard_id, bundle.num_shards)
         self.temp_path = naming.temp_path(self.final_path)
-        self._file = open(self.temp_path, "wb", buffering=_WRITE_BUFFER)
+        try:
+            self._file = open(self.temp_path, "wb", buffering=_WRITE_BUFFER)
+        except OSError as e:
+            raise io_error(e, self.final_path, "creating checkpoint data") from e
         self.offset = 0
         self._open = None  # (name, dtype, shape, start offset, expected bytes, running crc)
 
@@ -90,8 +96,14 @@ class ShardWriter:
         if self.offset + len(view) - state[3] > state[4]:
             raise MismatchError(f"tensor {state[0]!r}: more than the {state[4]} bytes its shape holds")
         state[5] = crc32c(view, state[5]) if crc is None else crc32c_combine(state[5], crc, len(view))
-        self._file.write(view)
+        self._put(view, state[0])
         self.offset += len(view)
+
+    def _put(self, data, name: str | None):
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise io_error(e, self.final_path, "writing checkpoint data", name) from e
 
     def end(self):
         """Close the open tensor and record its index entry. Raises MismatchError if bytes are missing."""
@@ -106,7 +118,7 @@ class ShardWriter:
         """Add a whole host array (numeric, or str/bytes/object for DT_STRING) in one call."""
         array = np.asarray(array)
         if array.dtype.kind in "OSU":
-            self.add_strings(name, array.shape, strings.as_bytes_list(array))
+            self.add_strings(name, array.shape, strings.as_bytes_list(array, name))
             return
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
@@ -121,7 +133,7 @@ class ShardWriter:
             raise MismatchError(f"tensor {name!r}: {len(items)} strings for shape {shape}")
         self._bundle._reserve(name)
         data, crc = strings.encode(items)
-        self._file.write(data)
+        self._put(data, name)
         self._bundle._record(name, Entry(int(DataType.STRING), shape, self.shard_id, self.offset,
                                          len(data), crc))
         self.offset += len(data)
@@ -129,10 +141,13 @@ class ShardWriter:
     def _close(self, fsync: bool):
         if self._open is not None:
             raise RuntimeError(f"tensor {self._open[0]!r} was begun but never ended")
-        self._file.flush()
-        if fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._file.flush()
+            if fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise io_error(e, self.final_path, "writing checkpoint data") from e
 
 
 class BundleWriter:
@@ -142,9 +157,13 @@ class BundleWriter:
     go through :meth:`shard` (one :class:`ShardWriter` per thread); with one shard the writer's own
     ``begin/write/end/add_array/add_strings`` forward to shard 0. ``fsync=True`` syncs files and the
     directory before each rename (durable across power loss, slower); TF does not.
+
+    ``on_commit(prefix)``, if given, runs once the files are in place (e.g. to write the state
+    file); its result is :attr:`committed`. If it raises, the save is rolled back: the files it
+    replaced are put back, the ones it created removed.
     """
 
-    def __init__(self, prefix: str, num_shards: int = 1, fsync: bool = False):
+    def __init__(self, prefix: str, num_shards: int = 1, fsync: bool = False, on_commit=None):
         if not 1 <= num_shards <= _MAX_SHARDS:
             raise ValueError(f"num_shards must be in [1, {_MAX_SHARDS}], got {num_shards}")
         self.prefix = os.fspath(prefix)
@@ -153,9 +172,15 @@ class BundleWriter:
         self._lock = threading.Lock()
         self._names: set[str] = set()
         self._entries: dict[str, Entry] = {}
+        self._on_commit = on_commit
+        self.committed = None
+        self._index_temp = None
         directory = os.path.dirname(self.prefix)
         if directory:
-            os.makedirs(directory, exist_ok=True)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                raise io_error(e, directory, "creating the checkpoint directory") from e
         self._shards = []
         try:
             for i in range(num_shards):
@@ -183,7 +208,18 @@ class BundleWriter:
             self._entries[name] = entry
 
     def finish(self):
-        """Close the data files, rename them, then write and rename the index (the last file to appear)."""
+        """Close the data files, write the index, then rename them into place: data first, the
+        index last (a checkpoint exists once its index does), then run ``on_commit``.
+
+        An old checkpoint under the same prefix is replaced file by file, never deleted first: its
+        index stays readable until the new one replaces it. Until the save has committed, the
+        files it replaces are kept aside (hard links, where the file system has them) and put
+        back on any failure, so a failed overwrite leaves the old checkpoint loadable. A crash
+        (power loss, SIGKILL) between the data and index renames can still leave the old index
+        beside new data; the reader's CRC check then refuses it rather than returning wrong values.
+        Raises CheckpointIOError naming the file on any OS error (disk full, a directory in the way).
+        """
+        placed = []  # (final path, existed before, backup or None), in the order replaced
         try:
             for s in self._shards:
                 s._close(self._fsync)
@@ -192,24 +228,35 @@ class BundleWriter:
             for key, name in sorted((n.encode("utf-8"), n) for n in self._entries):
                 table.add(key, self._entries[name].encode())
             index = naming.index_path(self.prefix)
-            # Overwriting a prefix: drop its old index first, so no index ever names new data and
-            # old metadata (or the reverse) if we stop half way.
-            if os.path.exists(index):
-                os.remove(index)
-            for s in self._shards:
-                os.replace(s.temp_path, s.final_path)
-            tmp = naming.temp_path(index)
-            with open(tmp, "wb") as f:
-                f.write(table.finish())
-                if self._fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, index)
+            self._index_temp = naming.temp_path(index)
+            try:
+                with open(self._index_temp, "wb") as f:
+                    f.write(table.finish())
+                    if self._fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+            except OSError as e:
+                raise io_error(e, index, "writing the checkpoint index") from e
+            for src, dst in [(s.temp_path, s.final_path) for s in self._shards] + [(self._index_temp, index)]:
+                existed, backup = _keep_aside(dst)
+                try:
+                    os.replace(src, dst)
+                except BaseException as e:
+                    _discard(backup)
+                    if isinstance(e, OSError):
+                        raise io_error(e, dst, "renaming the checkpoint file into place") from e
+                    raise
+                placed.append((dst, existed, backup))
             if self._fsync:
                 _fsync_dir(os.path.dirname(index) or ".")
+            self.committed = self._on_commit(self.prefix) if self._on_commit else self.prefix
         except BaseException:
+            _roll_back(placed)
             self.abort()
             raise
+        for _, _, backup in placed:
+            _discard(backup)
+        return self.committed
 
     def abort(self):
         """Remove the temporary files; nothing under the final names is touched."""
@@ -218,10 +265,8 @@ class BundleWriter:
                 s._file.close()
             except Exception:
                 pass
-            try:
-                os.remove(s.temp_path)
-            except FileNotFoundError:
-                pass
+            _discard(s.temp_path)
+        _discard(self._index_temp)
 
     def __enter__(self):
         return self
@@ -231,6 +276,43 @@ class BundleWriter:
             self.finish()
         else:
             self.abort()
+
+
+def _label(name: str, extents) -> str:
+    return name + "[" + ",".join(f"{e.start}:{'' if e.length is None else e.start + e.length}" for e in extents) + "]"
+
+
+def _discard(path: str | None):
+    if path is not None:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _keep_aside(path: str) -> tuple[bool, str | None]:
+    """(whether ``path`` exists, a hard link to it that survives its replacement, or None where
+    none could be made)."""
+    if not os.path.lexists(path):
+        return False, None
+    backup = naming.temp_path(path)
+    try:
+        os.link(path, backup)
+    except OSError:  # no hard links here (or a directory in the way): no rollback for this file
+        return True, None
+    return True, backup
+
+
+def _roll_back(placed):
+    """Undo the renames of a failed commit, newest first: the index goes back before the data."""
+    for path, existed, backup in reversed(placed):
+        try:
+            if backup is not None:
+                os.rename(backup, path)  # rename, like replace, overwrites atomically (POSIX)
+            elif not existed:
+                os.remove(path)
+        except OSError:
+            pass
 
 
 def _fsync_dir(directory: str):
@@ -254,6 +336,8 @@ class BundleReader:
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"checkpoint index {self.index_path!r} not found (prefix {self.prefix!r})") from None
+        except OSError as e:  # a directory of that name, no permission, an I/O error
+            raise io_error(e, self.index_path, "reading the checkpoint index") from e
         try:
             self._raw = read_table(data)
             header = Header.decode(self._raw[b""])
@@ -327,7 +411,14 @@ class BundleReader:
                     fd = os.open(path, os.O_RDONLY)
                 except FileNotFoundError:
                     raise CheckpointNotFoundError(f"checkpoint data file {path!r} not found") from None
-                self._fds[shard] = (fd, os.fstat(fd).st_size)
+                except OSError as e:
+                    raise io_error(e, path, "opening checkpoint data") from e
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    os.close(fd)
+                    raise CheckpointNotFoundError(f"checkpoint data file {path!r} is not a regular file "
+                                                  "(a directory?)")
+                self._fds[shard] = (fd, info.st_size)
             return self._fds[shard]
 
     def data_file(self, entry: Entry) -> str:
@@ -350,7 +441,10 @@ class BundleReader:
         scatter read if the kernel allows; short reads continue where they stopped."""
         views = [v for v in views if len(v)]
         while views:
-            got = os.preadv(fd, views[:_IOV_MAX], position)
+            try:
+                got = os.preadv(fd, views[:_IOV_MAX], position)
+            except OSError as e:
+                raise io_error(e, self.data_file(entry), "reading checkpoint data", name) from e
             if got <= 0:
                 raise CorruptCheckpointError(f"{self.data_file(entry)}: unexpected end of file in {name!r}")
             position += got
@@ -460,23 +554,57 @@ class BundleReader:
             raise self.crc_error(name, entry, crc)
         return values.reshape(entry.shape)
 
-    def _read_sliced(self, name: str, entry: Entry) -> np.ndarray:
-        full = np.empty(entry.shape, dtype=enum_to_dtype(entry.dtype))
+    def check_slices(self, name: str, entry: Entry) -> list[tuple[tuple[slice, ...], str, Entry]]:
+        """Check a partitioned entry against the index and the data files, allocating nothing:
+        every slice lies inside the tensor, has its own entry of the right dtype and shape whose
+        bytes lie in its data file, and together they cover the tensor exactly once (no gap, no
+        overlap). Returns ``[(index into the full array, label, slice entry)]``; raises
+        CorruptCheckpointError naming the index file and the tensor.
+        """
+        where = f"{self.index_path}: partitioned tensor {name!r} (shape {entry.shape})"
+        try:
+            dtype = enum_to_dtype(entry.dtype)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"tensor {name!r} in {self.index_path}: {e}") from None
+        total = num_elements(entry.shape)
+        # numpy cannot even describe more than 2**63 bytes; a data file cannot hold them either.
+        if total * max(dtype.itemsize, 1) >= 1 << 62:
+            raise CorruptCheckpointError(f"{where} claims {total} elements, more than any file holds")
+        boxes, out, covered = [], [], 0
         for extents in entry.slices:
             if len(extents) != len(entry.shape):
-                raise CorruptCheckpointError(f"{self.index_path}: slice of {name!r} has rank "
-                                             f"{len(extents)}, tensor has {len(entry.shape)}")
-            index = tuple(slice(e.start, None if e.length is None else e.start + e.length) for e in extents)
-            label = name + "[" + ",".join(f"{s.start}:{'' if s.stop is None else s.stop}" for s in index) + "]"
+                raise CorruptCheckpointError(f"{where}: a slice has rank {len(extents)}, the tensor {len(entry.shape)}")
+            box = []
+            for e, dim in zip(extents, entry.shape):
+                stop = dim if e.length is None else e.start + e.length
+                if not 0 <= e.start <= stop <= dim:
+                    raise CorruptCheckpointError(f"{where}: slice {_label(name, extents)} lies outside the tensor")
+                box.append((e.start, stop))
+            label = _label(name, extents)
+            for other, other_label in boxes:
+                if all(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(box, other)):
+                    raise CorruptCheckpointError(f"{where}: slices {other_label} and {label} overlap")
+            boxes.append((box, label))
             try:
                 part = self._entry(naming.slice_key(name, extents), label)
             except KeyError:
-                raise CorruptCheckpointError(f"{self.index_path}: slice {label} of partitioned tensor "
-                                             f"{name!r} is missing") from None
-            target = full[index]
-            if part.shape != target.shape or part.dtype != entry.dtype:
-                raise CorruptCheckpointError(f"{self.index_path}: slice {label} has shape {part.shape}, "
-                                             f"expected {target.shape}")
+                raise CorruptCheckpointError(f"{where}: slice {label} is missing") from None
+            want = tuple(b - a for a, b in box)
+            if part.slices or part.shape != want or part.dtype != entry.dtype:
+                raise CorruptCheckpointError(
+                    f"{where}: slice {label} is stored as {enum_to_dtype(part.dtype) if not part.slices else 'slices'} "
+                    f"of shape {part.shape}, expected {dtype} of shape {want}")
+            self._check_extent(label, part)
+            covered += num_elements(want)
+            out.append((tuple(slice(a, b) for a, b in box), label, part))
+        if covered != total:  # no overlaps, so a shortfall is a gap
+            raise CorruptCheckpointError(f"{where}: its slices cover {covered} of its {total} elements")
+        return out
+
+    def _read_sliced(self, name: str, entry: Entry) -> np.ndarray:
+        parts = self.check_slices(name, entry)  # before the full-size allocation
+        full = np.empty(entry.shape, dtype=enum_to_dtype(entry.dtype))
+        for index, label, part in parts:
             full[index] = self._read(label, part)
         return full
 

@@ -3,7 +3,7 @@ import dataclasses
 import os
 import re
 
-from gpusaver.errors import CorruptCheckpointError
+from gpusaver.errors import CorruptCheckpointError, io_error
 from gpusaver.format.naming import temp_path
 
 STATE_FILENAME = "checkpoint"
@@ -47,16 +47,16 @@ def _unquote(text: str, path: str) -> str:
         if nxt in _ESCAPES:
             out += _ESCAPES[nxt].encode()
             i += 2
-        elif nxt == "x":
-            m = re.match(r"[0-9a-fA-F]{1,2}", body[i + 2:])
+        elif nxt == "x" and (m := re.match(r"[0-9a-fA-F]{1,2}", body[i + 2:])):
             out.append(int(m.group(), 16))
             i += 2 + len(m.group())
-        elif nxt.isdigit():
-            m = re.match(r"[0-7]{1,3}", body[i + 1:])
-            out.append(int(m.group(), 8))
+        elif m := re.match(r"[0-7]{1,3}", body[i + 1:]):
+            out.append(int(m.group(), 8) & 0xFF)
             i += 1 + len(m.group())
         else:
-            raise CorruptCheckpointError(f"{path}: bad escape in {text!r}")
+            raise CorruptCheckpointError(
+                f"{path}: bad escape {body[i:i + 2]!r} in {text!r}; expected one of \\n \\t \\r \\\" "
+                f"\\' \\\\, \\xHH or \\ooo (fix or delete the state file; the checkpoints stay)")
     return out.decode("utf-8", "replace")
 
 
@@ -65,13 +65,17 @@ def state_path(directory: str) -> str:
 
 
 def read_state(directory: str) -> CheckpointState | None:
-    """Parse ``<directory>/checkpoint``; None if absent. Raises CorruptCheckpointError if garbled."""
+    """Parse ``<directory>/checkpoint``; None if absent (or a directory of that name is there).
+
+    Raises CorruptCheckpointError naming the file if garbled, CheckpointIOError if unreadable."""
     path = state_path(directory)
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             lines = f.read().splitlines()
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+    except OSError as e:
+        raise io_error(e, path, "reading the checkpoint state file") from e
     model, paths, stamps, preserved = None, [], [], None
     for line in lines:
         if not line.strip():
@@ -97,7 +101,10 @@ def read_state(directory: str) -> CheckpointState | None:
 
 
 def write_state(directory: str, state: CheckpointState):
-    """Write the state file atomically (temp file + rename), so readers never see half of it."""
+    """Write the state file atomically (temp file + rename), so readers never see half of it.
+
+    On failure the temp file is removed and the old state file is left as it was; raises
+    CheckpointIOError naming the file (disk full, a directory named ``checkpoint`` in the way)."""
     lines = [f"model_checkpoint_path: {_quote(state.model_checkpoint_path)}"]
     lines += [f"all_model_checkpoint_paths: {_quote(p)}" for p in state.all_model_checkpoint_paths]
     lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in state.all_model_checkpoint_timestamps]
@@ -105,9 +112,18 @@ def write_state(directory: str, state: CheckpointState):
         lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
     path = state_path(directory)
     tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise io_error(e, path, "writing the checkpoint state file") from e
+        raise
 
 
 def resolve(directory: str, path: str) -> str:

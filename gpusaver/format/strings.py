@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 
+from gpusaver.errors import InvalidTypeError
 from gpusaver.format.wire import crc32c, decode_varint, encode_varint, mask
 
 
@@ -17,14 +18,18 @@ def _length_crc(lengths, crc: int = 0) -> int:
     return crc
 
 
-def as_bytes_list(array: np.ndarray) -> list[bytes]:
-    """The elements of a str/bytes/object array as bytes (str is UTF-8 encoded), row-major."""
+def as_bytes_list(array: np.ndarray, name: str | None = None) -> list[bytes]:
+    """The elements of a str/bytes/object array as bytes (str is UTF-8 encoded), row-major.
+
+    Raises InvalidTypeError (a TypeError) naming the tensor ``name`` and the element's position."""
     out = []
-    for item in np.asarray(array, dtype=object).reshape(-1):
+    for i, item in enumerate(np.asarray(array, dtype=object).reshape(-1)):
         if isinstance(item, str):
             item = item.encode("utf-8")
         elif not isinstance(item, (bytes, bytearray, memoryview, np.bytes_)):
-            raise TypeError(f"string tensor element {item!r} is not str or bytes")
+            tensor = f"tensor {name!r}: " if name is not None else ""
+            raise InvalidTypeError(f"{tensor}string tensor element {i} ({item!r:.60}, a {type(item).__name__}) "
+                                   "is not str or bytes; convert it, or save it as a numeric array")
         out.append(bytes(item))
     return out
 

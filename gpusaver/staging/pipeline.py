@@ -9,10 +9,12 @@ import collections
 import concurrent.futures
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 from gpusaver.format import strings
 from gpusaver.format.bundle import BundleReader, BundleWriter, ShardWriter, num_elements
+from gpusaver.log import log_done
 from gpusaver.options import Options
 from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
@@ -65,6 +67,7 @@ class SaveJob:
             self.snapshot_held.set()
 
     def start(self) -> "SaveJob":
+        self._started = time.perf_counter()
         # Not a daemon: a save in flight keeps the interpreter alive until its files are complete.
         threading.Thread(target=self._run, name=f"gpusaver-save:{self.prefix}", daemon=False).start()
         return self
@@ -79,11 +82,14 @@ class SaveJob:
 
     def _save(self):
         opts = self._options
-        with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync) as writer:
+        # on_done (the state file, retention) commits inside the writer: if it fails, the writer
+        # puts back the checkpoint files this save replaced.
+        with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync, on_commit=self._on_done) as writer:
             items = self._describe()
             self._describe = None  # the caller's mapping: dropped, so staged arrays can go
             shards = plan_shards(items, opts.num_shards)
             buffers = self._buffers(items)
+            nbytes = sum(item.nbytes for item in items)
             del items
             try:
                 if opts.num_shards == 1:
@@ -96,7 +102,8 @@ class SaveJob:
                             f.result()
             finally:
                 buffers.close()  # every buffer and device array this save still held
-        return self._on_done(self.prefix) if self._on_done else self.prefix
+        log_done("save", self.prefix, nbytes, time.perf_counter() - self._started)
+        return writer.committed
 
     def _staged_one_shard(self):
         with self._lock:
@@ -187,7 +194,7 @@ class SaveJob:
                 elif kind == "end":
                     shard.end()
                 elif kind == "strings":
-                    shard.add_strings(payload.name, payload.shape, strings.as_bytes_list(payload.array))
+                    shard.add_strings(payload.name, payload.shape, strings.as_bytes_list(payload.array, payload.name))
                 elif kind == "error":
                     raise payload
                 else:

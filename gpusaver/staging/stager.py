@@ -3,7 +3,7 @@ each save's claim on them (:class:`SaveBuffers`)."""
 import functools
 import threading
 
-from gpusaver.errors import MismatchError, UnsupportedError
+from gpusaver.errors import InvalidArgumentError, MismatchError, UnsupportedError
 from gpusaver.format.bundle import BundleReader
 from gpusaver.format.dtypes import dtype_to_enum
 from gpusaver.options import Options
@@ -87,7 +87,7 @@ class Stager:
     def item(self, name: str, array) -> SaveItem:
         """Describe one array to save. Raises ValueError / UnsupportedError naming the tensor."""
         if not isinstance(name, str) or not name:
-            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+            raise InvalidArgumentError(f"tensor names must be non-empty strings, got {name!r}")
         # Models have thousands of tensors: CuPy arrays that hold() imported skip the generic checks.
         if type(array) is not self._cupy_array or not array.flags.c_contiguous:
             if devices.of_array(array).is_cuda:

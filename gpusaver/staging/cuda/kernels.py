@@ -34,7 +34,8 @@ _KERNELS = {
 _OPTIONS = ("-std=c++14",)
 _PACK_THREADS = 256
 _MAX_GRID = 65535  # blocks loop over their work, so more would only queue
-_INSTALL_HINT = "pip install 'gpusaver[cuda13]' (or 'gpusaver[cuda12]' for drivers older than 580)"
+_INSTALL_HINT = ("pip install 'gpusaver[cuda13]' (or 'gpusaver[cuda12]' for drivers older than 580); "
+                 "from a clone of the repository: pip install -e '.[cuda13]' (or -e '.[cuda12]')")
 # kDLCUDA, kDLCUDAManaged, kDLROCM: memory a kernel can read. Host arrays (numpy has
 # __dlpack__ too) are refused here rather than copied behind the caller's back.
 _DLPACK_DEVICE_TYPES = (2, 13, 10)

@@ -1,0 +1,413 @@
+"""``gpusaver.Checkpoint``: the API and object-based format of ``tf.train.Checkpoint`` over gpusaver's engine.
+
+TensorFlow decides *what* a checkpoint holds; gpusaver moves the bytes.
+
+- Save: TF's own graph walk (``save_util.serialize_graph_view``, the function behind
+  ``tf.train.Checkpoint.write``) gives the ``TrackableObjectGraph`` proto and {checkpoint key:
+  tensor} for every trackable, the ``save_counter`` and non-variable saveables included. Plain
+  variables among them are read in a few batched ops (copy-on-write: holding the tensors is the
+  snapshot) and everything goes to :func:`gpusaver.core.save_async`, with the proto as the
+  ``_CHECKPOINTABLE_OBJECT_GRAPH`` string tensor.
+- Restore: TF's own object matching (``CheckpointPosition`` and the restore coordinator that
+  ``tf.train.Checkpoint.read`` uses, deferred restoration into objects created later included),
+  with the coordinator's ``restore_saveables`` — the one place TF reads checkpointed values — and
+  its ``CheckpointReader`` answered from gpusaver's reader, so values are read (CRC-checked) and
+  staged by gpusaver and plain variables assigned straight from the staged arrays.
+
+Delegated to ``tf.train.Checkpoint`` unchanged: graph mode (no eager execution), checkpoints
+without an object graph (name-based), ``CheckpointOptions`` that ask for an I/O device or TF's async
+checkpointing, and, on restore, objects with registered savers and partitioned (sliced) values.
+TF's restore-on-create (variables made by ``add_weight``-style getters after a restore, e.g.
+Keras 2 layers) reads those values with TF's ``RestoreV2`` from the same files.
+"""
+import concurrent.futures
+import functools
+import inspect
+import os
+import threading
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import trackable_object_graph_pb2
+from tensorflow.python.checkpoint import checkpoint as tf_checkpoint
+from tensorflow.python.checkpoint import restore as restore_lib
+from tensorflow.python.checkpoint import save_util
+from tensorflow.python.ops import resource_variable_ops
+from tensorflow.python.trackable import base as trackable_base
+from tensorflow.python.training.saving import saveable_object, saveable_object_util
+
+from gpusaver import core, tf_adapter
+from gpusaver.errors import MissingKeysError, UnsupportedError
+from gpusaver.format.bundle import BundleReader
+from gpusaver.format.state import CheckpointState, write_state
+from gpusaver.options import Options
+from gpusaver.staging.devices import CPU, Device
+
+OBJECT_GRAPH_KEY = getattr(trackable_base, "OBJECT_GRAPH_PROTO_KEY", "_CHECKPOINTABLE_OBJECT_GRAPH")
+_VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def _call(fn, **kwargs):
+    """Call a TF internal with the keyword arguments its signature (in this TF version) accepts."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn(**kwargs)
+    return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def _plain_variable(obj, tensor_dict):
+    """The resource variable behind ``obj`` when its only checkpoint value is that variable's value
+    (tf.Variable, Keras 3 variable); else None (any other saveable keeps TF's own conversion)."""
+    if len(tensor_dict) != 1 or not next(iter(tensor_dict)).endswith(_VARIABLE_SUFFIX):
+        return None
+    try:
+        var = tf_adapter.name_variables({"v": obj})["v"]
+    except (TypeError, ValueError):
+        return None
+    return var if isinstance(var, resource_variable_ops.BaseResourceVariable) else None
+
+
+def _gather(saver):
+    """(object graph proto, {key: tensor or SaveSpec}, {key: variable}) from TF's own graph walk."""
+    graph_view = saver._graph_view  # pylint: disable=protected-access
+    object_map = getattr(saver, "_object_map", None)
+    if hasattr(save_util, "serialize_graph_view"):  # TF >= 2.11
+        serialized, _, registered, proto = _call(save_util.serialize_graph_view, graph_view=graph_view,
+                                                 object_map=object_map, cache=None)
+    else:  # pragma: no cover - older layouts keep the same walk on the saver
+        serialized, _, registered, proto = saver._gather_serialized_tensors(None)  # pylint: disable=protected-access
+    if registered:
+        raise UnsupportedError(f"objects with registered savers ({', '.join(registered)}) cannot be written "
+                               "by gpusaver.Checkpoint; use tf.train.Checkpoint for them")
+    values, variables = {}, {}
+    for obj, tensor_dict in serialized.items():
+        if obj is None:  # the object graph tensor TF's own gather may add
+            continue
+        var = _plain_variable(obj, tensor_dict)
+        for key, value in tensor_dict.items():
+            if key == OBJECT_GRAPH_KEY:
+                continue
+            if isinstance(value, dict):  # {slice_spec: value}
+                if set(value) != {""}:
+                    raise UnsupportedError(f"checkpoint value {key!r} is partitioned (slices "
+                                           f"{sorted(value)}); use tf.train.Checkpoint for sliced variables")
+                value = value[""]
+            if isinstance(value, saveable_object.SaveSpec) and value.slice_spec:
+                raise UnsupportedError(f"checkpoint value {key!r} is a slice ({value.slice_spec!r}); use "
+                                       "tf.train.Checkpoint for sliced variables")
+            if var is not None:
+                variables[key] = var
+            else:
+                values[key] = value
+    return proto, values, variables
+
+
+def _read_values(values: dict, variables: dict) -> dict:
+    """The snapshot: every value as a tensor, read on the caller's thread (variables batched)."""
+    out = {}
+    if variables:
+        try:
+            out.update(zip(variables, tf_adapter.SnapshotReader(list(variables.values()))()))
+        except (tf.errors.OpError, ValueError):
+            # An uninitialized variable fails the batched read; TF's own closures skip it.
+            for key, var in variables.items():
+                value = var._serialize_to_tensors()  # pylint: disable=protected-access
+                values[key] = next(iter(value.values()))
+    for key, value in values.items():
+        if isinstance(value, saveable_object.SaveSpec):
+            value = value.tensor  # runs TF's read closure; None for an uninitialized variable
+        if value is None:
+            continue  # as TF's saver: an uninitialized variable is not written
+        out[key] = value
+    return out
+
+
+def _to_array(value):
+    """The core's conversion, also taking numpy arrays and TF string tensors of any rank."""
+    if isinstance(value, np.ndarray):
+        return value
+    if getattr(value, "dtype", None) == tf.string:
+        return np.asarray(value.numpy(), dtype=object)  # a scalar string's numpy() is bytes
+    try:
+        return tf_adapter.as_array(value)
+    except AttributeError:  # TF 2.16's EagerTensor has no __dlpack__ (as_array expects one)
+        return value.numpy()
+
+
+class _Reader:
+    """What TF's restore coordinator asks of a ``CheckpointReader``, answered by gpusaver's reader."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.bundle = BundleReader(prefix)
+
+    def has_tensor(self, key: str) -> bool:
+        return key in self.bundle
+
+    def get_variable_to_dtype_map(self) -> dict:
+        return {k: tf.as_dtype(self.bundle.entry(k).dtype) for k in self.bundle.keys()}
+
+    def get_variable_to_shape_map(self) -> dict:
+        return {k: list(self.bundle.entry(k).shape) for k in self.bundle.keys()}
+
+    def get_tensor(self, key: str):
+        if key not in self.bundle:
+            raise MissingKeysError([key], self.prefix)
+        value = self.bundle.read(key)
+        return value[()] if value.ndim == 0 else value  # TF gives scalars as numpy scalars / bytes
+
+    def close(self):
+        self.bundle.close()
+
+
+class _RestoreCoordinator(tf_checkpoint._CheckpointRestoreCoordinator):  # pylint: disable=protected-access
+    """TF's restore coordinator (object matching, deferred restoration, status bookkeeping) with the
+    values read and staged by gpusaver instead of TF's ``RestoreV2``."""
+
+    def __init__(self, gs_reader: _Reader, stager, **kwargs):
+        self._gs_reader = gs_reader
+        self._gs_stager = stager
+        _call(super().__init__, reader=gs_reader, **kwargs)
+
+    def restore_saveables(self, tensor_saveables, python_positions, registered_savers=None, reader=None):
+        for position in python_positions:
+            key = position.object_proto.attributes[0].checkpoint_key
+            position.trackable.deserialize(self._gs_reader.get_tensor(key))
+        flat = saveable_object_util.validate_and_slice_inputs(tensor_saveables) if tensor_saveables else []
+        sliced = [s for s in flat if any(spec.slice_spec for spec in s.specs)]
+        if registered_savers or sliced:  # TF restores these itself, from the same files
+            _call(super().restore_saveables, tensor_saveables=sliced, python_positions=[],
+                  registered_savers=registered_savers, reader=None)
+        _restore(self._gs_reader, self._gs_stager, [s for s in flat if s not in sliced])
+        return []
+
+
+def _simple_target(saveable):
+    """The resource variable a saveable restores by plain assignment, or None."""
+    if len(saveable.specs) != 1 or not saveable.specs[0].name.endswith(_VARIABLE_SUFFIX):
+        return None
+    obj = getattr(saveable, "_trackable", None)
+    return None if obj is None else _plain_variable(obj, {saveable.specs[0].name: None})
+
+
+def _staging_device(stager, var, reader: BundleReader, key: str) -> Device:
+    """Upload through CuPy when the variable is on a GPU and CuPy is there; otherwise TF uploads."""
+    target = tf_adapter.target_device(var, None)
+    if target.is_cuda and reader.dtype(key).kind != "O":
+        try:
+            stager.cuda()
+            return target
+        except ImportError:
+            pass
+    return CPU
+
+
+def _restore(reader: _Reader, stager, saveables: list):
+    """Read every saveable's values with gpusaver and hand them over: plain variables are assigned
+    from the staged arrays, other saveables get tensors through their own ``restore``. Dtypes and
+    shapes of plain variables are checked before anything is assigned."""
+    if not saveables:
+        return
+    bundle = reader.bundle
+    missing = [spec.name for s in saveables for spec in s.specs if spec.name not in bundle]
+    if missing:
+        raise MissingKeysError(missing, reader.prefix)
+    plain, other = {}, []
+    for s in saveables:
+        var = _simple_target(s)
+        if var is None:
+            other.append(s)
+        else:
+            key = s.specs[0].name
+            entry = bundle.entry(key)
+            tf_adapter.check_fits(key, var, entry.dtype, entry.shape)
+            plain[key] = var
+    requests = [(key, _staging_device(stager, var, bundle, key)) for key, var in plain.items()]
+    requests += [(spec.name, CPU) for s in other for spec in s.specs]
+    arrays = {}
+    for key, value in core.load_iter(bundle, list(dict(requests).items()), stager):
+        if key in plain:
+            tf_adapter.assign(plain[key], value)
+        else:
+            arrays[key] = value
+    for s in other:
+        tensors = [tf.convert_to_tensor(arrays[spec.name], dtype=spec.dtype) for spec in s.specs]
+        s.restore(tensors, None)
+
+
+class _State:
+    """gpusaver's per-Checkpoint state, one plain object (AutoTrackable would track containers)."""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.stager = core.Stager(options)
+        self.lock = threading.Lock()
+        self.inflight: concurrent.futures.Future | None = None
+
+
+def _use_tf(options) -> bool:
+    """Whether ``tf.train.CheckpointOptions`` ask for something only TF's own path does."""
+    return bool(options is not None and (getattr(options, "experimental_io_device", None)
+                                         or getattr(options, "experimental_enable_async_checkpoint", False)))
+
+
+class Checkpoint(tf.train.Checkpoint):
+    """``tf.train.Checkpoint`` whose files are written and read by gpusaver.
+
+    A drop-in for ``tf.train.Checkpoint(root=None, **kwargs)``: the same object graph, checkpoint
+    keys (``model/layer/kernel/.ATTRIBUTES/VARIABLE_VALUE``), ``_CHECKPOINTABLE_OBJECT_GRAPH``
+    tensor, ``save_counter``, ``prefix-N`` names and ``checkpoint`` state file, so each side reads
+    the other's files. Add :meth:`save_async` (returns once a consistent snapshot is held) and
+    :meth:`sync`.
+
+    Args:
+        root, **kwargs: the objects to checkpoint, as for ``tf.train.Checkpoint``.
+        options: a :class:`gpusaver.Options` (staging budget, shards, snapshot mode). Any other
+            value passed as ``options`` is a trackable to checkpoint under that name.
+
+    Raises ValueError for kwargs that are not trackable (as TF does).
+    """
+
+    def __init__(self, root=None, *, options=None, **kwargs):
+        if options is not None and not isinstance(options, Options):
+            kwargs["options"] = options
+            options = None
+        super().__init__(root, **kwargs)
+        self._gpusaver = _State(options or Options())
+
+    # -- save ----------------------------------------------------------------------------------
+    def save_async(self, file_prefix, options=None) -> concurrent.futures.Future:
+        """Number and start a save like :meth:`save`; return a future once the snapshot is held.
+
+        ``save_counter`` is incremented now and the path is ``f"{file_prefix}-{save_counter}"``;
+        ``result()`` returns it and re-raises any error from the background. The ``checkpoint``
+        state file is rewritten only once that checkpoint's files are complete, so
+        ``tf.train.latest_checkpoint`` only ever names complete checkpoints. At most one save is in
+        flight: a second call first waits for the previous one. Memory: see
+        :meth:`gpusaver.Saver.save_async` (the snapshot holds the variables' current buffers).
+        ``options`` (``tf.train.CheckpointOptions``): write callbacks are run, with the path,
+        after the state file is written; an I/O device or TF's async option hand the save to
+        ``tf.train.Checkpoint.save`` (a completed future is returned).
+        """
+        if _use_tf(options) or not tf.executing_eagerly():
+            return _done_future(super().save(file_prefix, options))
+        prefix = os.fspath(file_prefix)
+        with self._gpusaver.lock:
+            self._wait(raise_errors=False)
+            number = int(self.save_counter.assign_add(1, read_value=True).numpy())
+            return self._start(f"{prefix}-{number}", options, update_state=True)
+
+    def save(self, file_prefix, options=None) -> str:
+        """Save a numbered checkpoint and update the state file; return its path. See :meth:`save_async`."""
+        return self.save_async(file_prefix, options).result()
+
+    def write(self, file_prefix, options=None) -> str:
+        """Write a checkpoint at exactly ``file_prefix`` (no numbering, no state file); return it."""
+        return self._write(os.fspath(file_prefix), options)
+
+    def write_async(self, file_prefix, options=None) -> concurrent.futures.Future:
+        """:meth:`write` returning once the snapshot is held; ``result()`` gives the path."""
+        if _use_tf(options) or not tf.executing_eagerly():
+            return _done_future(super()._write(os.fspath(file_prefix), options))
+        with self._gpusaver.lock:
+            self._wait(raise_errors=False)
+            return self._start(os.fspath(file_prefix), options, update_state=False)
+
+    def _write(self, file_prefix, options=None):
+        # tf.train.Checkpoint.write and tf.train.CheckpointManager call this.
+        return self.write_async(file_prefix, options).result()
+
+    def _start(self, prefix: str, options, update_state: bool) -> concurrent.futures.Future:
+        proto, values, variables = _gather(self._saver)
+        tensors = _read_values(values, variables)
+        tensors[OBJECT_GRAPH_KEY] = np.asarray(proto.SerializeToString(), dtype=object)
+        if any(tf_adapter.device_of(v).is_cuda for v in variables.values()):
+            # As in gpusaver.Saver: wait for TF's device work once, then take the capsules here.
+            tf_adapter.sync_devices()
+            tensors = {k: v if isinstance(v, np.ndarray) else tf_adapter.export_gpu(v) for k, v in tensors.items()}
+        callbacks = list(getattr(options, "experimental_write_callbacks", None) or [])
+        state = self._gpusaver
+        future = core.save_async(prefix, tensors, state.options, stager=state.stager,
+                                 on_done=functools.partial(_commit, update_state=update_state, callbacks=callbacks),
+                                 to_array=_to_array, copy_on_write=True)
+        state.inflight = future
+        return future
+
+    def sync(self):
+        """Wait for the save in flight (and TF's own async save, if one was asked for); re-raise
+        the error it ended with, if any."""
+        tf_sync = getattr(super(), "sync", None)  # TF's own async saves (TF >= 2.13)
+        if tf_sync is not None:
+            tf_sync()
+        self._wait(raise_errors=True)
+
+    def _wait(self, raise_errors: bool):
+        future = self._gpusaver.inflight
+        if future is None:
+            return
+        error = future.exception()
+        if error is not None and raise_errors:
+            raise error
+
+    # -- restore -------------------------------------------------------------------------------
+    def read(self, save_path, options=None):
+        """Read a checkpoint written by :meth:`write` or :meth:`save` (here or by TF).
+
+        Objects are matched by TF's own object-graph code (the same status object:
+        ``assert_consumed()``, ``assert_existing_objects_matched()``, ``expect_partial()``; values
+        for objects created later are restored when they are created); values are read and staged
+        by gpusaver. Raises CheckpointNotFoundError, MissingKeysError, MismatchError (before any
+        plain variable is assigned), CorruptCheckpointError. A checkpoint without an object graph
+        (name-based) is read by ``tf.train.Checkpoint.read``.
+        """
+        self._wait(raise_errors=False)  # a save of this very path may be in flight
+        if _use_tf(options) or not tf.executing_eagerly() or save_path is None:
+            return super().read(save_path, options)
+        save_path = os.fspath(save_path)
+        reader = _Reader(save_path)
+        if OBJECT_GRAPH_KEY not in reader.bundle:
+            reader.close()
+            return super().read(save_path, options)
+        return self._restore_object_graph(save_path, reader, options or tf.train.CheckpointOptions())
+
+    def _restore_object_graph(self, save_path: str, reader: _Reader, options):
+        # Mirrors TrackableSaver.restore (TF 2.16-2.21) with gpusaver's reader and coordinator.
+        saver = self._saver
+        graph_view = saver._graph_view  # pylint: disable=protected-access
+        proto = trackable_object_graph_pb2.TrackableObjectGraph()
+        proto.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+        with tf.device("/cpu:0"):
+            path_tensor = tf.constant(save_path)
+        coordinator = _RestoreCoordinator(
+            reader, self._gpusaver.stager, object_graph_proto=proto, save_path=save_path,
+            save_path_tensor=path_tensor, restore_op_cache=getattr(saver, "_restore_op_cache", {}),
+            graph_view=graph_view, options=options, saveables_cache=getattr(saver, "_saveables_cache", None))
+        restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=0).restore(graph_view.root, reader)
+        # Attached dependencies (a root given with kwargs) hang off the root in the proto only.
+        for ref in getattr(graph_view, "attached_dependencies", None) or []:
+            if ref.name == "root":
+                continue
+            proto_id = next((c.node_id for c in proto.nodes[0].children if c.local_name == ref.name), None)
+            if proto_id is None or proto_id in coordinator.object_by_proto_id:
+                continue
+            restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=proto_id).restore(ref.ref, reader)
+        return _call(tf_checkpoint.CheckpointLoadStatus, checkpoint=coordinator, graph_view=graph_view,
+                     feed_dict=None, options=options)
+
+
+def _commit(prefix: str, update_state: bool, callbacks) -> str:
+    """Runs on the save thread once the checkpoint's index exists: the state file (as
+    ``tf.train.Checkpoint.save`` writes it: this checkpoint only, relative), then callbacks."""
+    if update_state:
+        directory = os.path.dirname(prefix) or "."
+        rel = os.path.relpath(prefix, directory)
+        write_state(directory, CheckpointState(rel, [rel]))
+    for callback in callbacks:
+        callback(prefix)
+    return prefix
+
+
+def _done_future(value) -> concurrent.futures.Future:
+    future = concurrent.futures.Future()
+    future.set_result(value)
+    return future

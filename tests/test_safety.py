@@ -1,0 +1,362 @@
+"""Data safety (issue 11, item 1): atomic overwrites, clean failure paths, no silent async
+failures, all-or-nothing restore, checked partitioned entries, one error hierarchy."""
+import errno
+import io
+import os
+import re
+import threading
+
+import numpy as np
+import pytest
+
+import gpusaver
+from gpusaver.errors import CorruptCheckpointError, GpusaverError
+from gpusaver.format import bundle as bundle_mod
+from gpusaver.format import naming
+from gpusaver.format import state as state_mod
+from gpusaver.format.dtypes import DataType
+from gpusaver.format.proto import Entry, Extent, Header
+from gpusaver.format.table import TableBuilder
+from gpusaver.format.wire import crc32c, mask
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+class _Crash(BaseException):
+    """Stands for the process dying at an injected point (not an Exception: nothing may catch it)."""
+
+
+# -- 1. atomic overwrite -------------------------------------------------------------------------
+def test_overwrite_never_leaves_the_prefix_without_an_index(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "m")
+    gpusaver.save(prefix, {"a": np.arange(10, dtype=np.float32)})
+    index = naming.index_path(prefix)
+    seen = []
+    real_replace, real_remove = os.replace, os.remove
+
+    def watch(fn):
+        def wrapped(*args, **kw):
+            seen.append(os.path.exists(index))
+            out = fn(*args, **kw)
+            seen.append(os.path.exists(index))
+            return out
+        return wrapped
+
+    monkeypatch.setattr(os, "replace", watch(real_replace))
+    monkeypatch.setattr(os, "remove", watch(real_remove))
+    gpusaver.save(prefix, {"a": np.arange(10, 20, dtype=np.float32)})
+    monkeypatch.undo()
+    assert seen and all(seen)
+    np.testing.assert_array_equal(gpusaver.load(prefix)["a"], np.arange(10, 20, dtype=np.float32))
+
+
+@pytest.mark.parametrize("crash_at", [".index", ".data-00000-of-00001"])
+def test_overwrite_failing_between_renames_keeps_the_old_checkpoint(tmp_path, monkeypatch, crash_at):
+    prefix = str(tmp_path / "m")
+    old = {"a": np.arange(1000, dtype=np.float32), "b": np.ones(3, np.int64)}
+    gpusaver.save(prefix, old)
+    before = _files(tmp_path)
+    real_replace = os.replace
+
+    def replace(src, dst, *a, **kw):
+        if str(dst).endswith(crash_at) and ".tempstate" in str(src):
+            raise _Crash()
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(_Crash):
+        gpusaver.save(prefix, {"a": np.zeros(1000, np.float32), "b": np.zeros(3, np.int64)})
+    monkeypatch.undo()
+    assert _files(tmp_path) == before
+    np.testing.assert_array_equal(gpusaver.load(prefix)["a"], old["a"])
+
+
+# -- 2. disk full while writing the index or the state file --------------------------------------
+class _FullFile(io.FileIO):
+    def write(self, b):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _disk_full_for(module, monkeypatch, suffix):
+    real_open = open
+
+    def fake_open(path, mode="r", *args, **kw):
+        if "w" in mode and re.sub(r"\.tempstate\d+$", "", os.fspath(path)).endswith(suffix):
+            return _FullFile(path, "w")
+        return real_open(path, mode, *args, **kw)
+
+    monkeypatch.setattr(module, "open", fake_open, raising=False)
+
+
+def test_disk_full_writing_the_index_removes_what_the_save_created(tmp_path, monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    v = tf.Variable(np.arange(4, dtype=np.float32), name="v")
+    saver = gpusaver.Saver([v])
+    first = saver.save(str(tmp_path / "m"), global_step=1)
+    before = _files(tmp_path)
+    _disk_full_for(bundle_mod, monkeypatch, ".index")
+    with pytest.raises(OSError) as info:
+        saver.save(str(tmp_path / "m"), global_step=2)
+    assert isinstance(info.value, GpusaverError) and info.value.errno == errno.ENOSPC
+    assert "m-2.index" in str(info.value)
+    assert _files(tmp_path) == before  # no data file of m-2, no *.tempstate*
+    assert tf.train.latest_checkpoint(str(tmp_path)) == first
+
+
+def test_disk_full_writing_the_state_file_keeps_the_overwritten_checkpoint(tmp_path, monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    v = tf.Variable(np.arange(4, dtype=np.float32), name="v")
+    saver = gpusaver.Saver([v])
+    prefix = saver.save(str(tmp_path / "m"))
+    before = _files(tmp_path)
+    v.assign(np.zeros(4, np.float32))
+    _disk_full_for(state_mod, monkeypatch, "checkpoint")
+    with pytest.raises(OSError) as info:
+        saver.save(str(tmp_path / "m"))
+    assert isinstance(info.value, GpusaverError) and info.value.errno == errno.ENOSPC
+    assert os.path.join(str(tmp_path), "checkpoint") in str(info.value)
+    monkeypatch.undo()
+    assert _files(tmp_path) == before
+    saver.restore(prefix)
+    np.testing.assert_array_equal(v.numpy(), np.arange(4, dtype=np.float32))
+
+
+def test_disk_full_writing_a_data_file_names_file_and_tensor(tmp_path, monkeypatch):
+    prefix = str(tmp_path / "m")
+
+    class Full:
+        def __init__(self, path):
+            self.name = path
+            self._f = open(path, "wb")
+
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, attr):
+            return getattr(self._f, attr)
+
+    real_open = open
+    monkeypatch.setattr(bundle_mod, "open",
+                        lambda p, m="r", *a, **k: Full(p) if ".data-" in p else real_open(p, m, *a, **k),
+                        raising=False)
+    with pytest.raises(OSError) as info:
+        gpusaver.save(prefix, {"weights": np.ones(10, np.float32)})
+    assert isinstance(info.value, GpusaverError) and info.value.errno == errno.ENOSPC
+    assert "m.data-00000-of-00001" in str(info.value) and "'weights'" in str(info.value)
+    assert os.listdir(tmp_path) == []
+
+
+# -- 3. an unobserved save_async failure surfaces ------------------------------------------------
+def _failing_saver(tf, tmp_path):
+    v = tf.Variable(np.ones(3, np.float32), name="v")
+    saver = gpusaver.Saver([v])
+    (tmp_path / "blocked").write_text("a file where a directory should be")
+    return saver, saver.save_async(str(tmp_path / "blocked" / "m"))
+
+
+@pytest.mark.parametrize("then", ["save", "save_async", "wait"])
+def test_unobserved_async_failure_is_raised_by_the_next_call(tmp_path, then):
+    tf = pytest.importorskip("tensorflow")
+    saver, future = _failing_saver(tf, tmp_path)
+    concurrent_wait = threading.Event()
+    future.add_done_callback(lambda f: concurrent_wait.set())
+    concurrent_wait.wait(30)
+    with pytest.raises(OSError):
+        getattr(saver, then)(*([str(tmp_path / "ok")] if then != "wait" else []))
+    # Raised once: the next save goes ahead.
+    assert saver.save(str(tmp_path / "ok")) == str(tmp_path / "ok")
+
+
+def test_observed_async_failure_is_not_raised_again(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    saver, future = _failing_saver(tf, tmp_path)
+    with pytest.raises(OSError):
+        future.result()
+    assert saver.save(str(tmp_path / "ok")) == str(tmp_path / "ok")
+
+
+# -- 4. all-or-nothing restore --------------------------------------------------------------------
+def test_restore_failing_late_changes_no_variable(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    # 400 KB each: several read batches, so earlier tensors arrive before the bad one is read.
+    vs = [tf.Variable(np.full(100_000, i, np.float32), name=f"v{i:02d}") for i in range(20)]
+    saver = gpusaver.Saver(vs)
+    prefix = saver.save(str(tmp_path / "m"))
+    with bundle_mod.BundleReader(prefix) as r:
+        last = max(r.keys(), key=lambda n: r.entry(n).offset)
+        entry = r.entry(last)
+    data = naming.data_path(prefix, 0, 1)
+    raw = bytearray(open(data, "rb").read())
+    raw[entry.offset + 5] ^= 0xFF
+    open(data, "wb").write(bytes(raw))
+    for v in vs:
+        v.assign(tf.fill(v.shape, -1.0))
+    with pytest.raises(CorruptCheckpointError, match=last):
+        saver.restore(prefix)
+    for v in vs:
+        np.testing.assert_array_equal(v.numpy(), np.full(100_000, -1, np.float32))
+
+
+def test_restore_io_error_midway_changes_no_variable(tmp_path, monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    from gpusaver import tf_adapter
+    vs = [tf.Variable(np.full(10, i, np.float32), name=f"v{i}") for i in range(5)]
+    saver = gpusaver.Saver(vs)
+    prefix = saver.save(str(tmp_path / "m"))
+    for v in vs:
+        v.assign(tf.fill(v.shape, -1.0))
+    real_assign, calls = tf_adapter.assign, []
+
+    def assign(var, value):
+        calls.append(var)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, "injected I/O error")
+        real_assign(var, value)
+
+    monkeypatch.setattr(tf_adapter, "assign", assign)
+    with pytest.raises(OSError):
+        saver.restore(prefix)
+    for v in vs:
+        np.testing.assert_array_equal(v.numpy(), np.full(10, -1, np.float32))
+
+
+# -- 5. partitioned entries are checked before anything is allocated ------------------------------
+def _craft(prefix, entries: dict, data: bytes = b""):
+    """Write an index holding ``entries`` (name or raw key → Entry) and one data file."""
+    with open(naming.data_path(prefix, 0, 1), "wb") as f:
+        f.write(data)
+    table = TableBuilder()
+    table.add(b"", Header(num_shards=1).encode())
+    for key in sorted(k.encode() if isinstance(k, str) else k for k in entries):
+        entry = entries[key.decode() if not key.startswith(b"\0") else key]
+        table.add(key, entry.encode())
+    with open(naming.index_path(prefix), "wb") as f:
+        f.write(table.finish())
+
+
+def _slice_entry(values: np.ndarray, offset: int) -> Entry:
+    return Entry(int(DataType.FLOAT), values.shape, 0, offset, values.nbytes, mask(crc32c(values.tobytes())))
+
+
+def _partitioned(prefix, shape, parts):
+    """parts: list of (extents, values); the full entry lists exactly those slices."""
+    entries, data = {}, b""
+    for extents, values in parts:
+        entries[naming.slice_key("p", extents)] = _slice_entry(values, len(data))
+        data += values.tobytes()
+    entries["p"] = Entry(int(DataType.FLOAT), shape, slices=tuple(e for e, _ in parts))
+    _craft(prefix, entries, data)
+
+
+def test_partitioned_entry_assembles(tmp_path):
+    prefix = str(tmp_path / "ok")
+    top, bottom = np.arange(6, dtype=np.float32).reshape(2, 3), np.arange(6, 12, dtype=np.float32).reshape(2, 3)
+    _partitioned(prefix, (4, 3), [((Extent(0, 2), Extent(0, None)), top),
+                                  ((Extent(2, 2), Extent(0, None)), bottom)])
+    np.testing.assert_array_equal(gpusaver.load(prefix)["p"], np.concatenate([top, bottom]))
+
+
+@pytest.mark.parametrize("case", ["gap", "overlap", "outside"])
+def test_partitioned_entry_not_covering_exactly_once_is_refused(tmp_path, case):
+    prefix = str(tmp_path / case)
+    half = np.ones((2, 3), np.float32)
+    first = ((Extent(0, 2), Extent(0, None)), half)
+    second = {"gap": [], "overlap": [((Extent(1, 2), Extent(0, None)), half), ((Extent(3, 1), Extent(0, None)),
+                                                                                  np.ones((1, 3), np.float32))],
+              "outside": [((Extent(3, 2), Extent(0, None)), half)]}[case]
+    _partitioned(prefix, (4, 3), [first, *second])
+    with pytest.raises(CorruptCheckpointError, match=r"'p'.*ok\.index|" + case + r"\.index.*'p'"):
+        gpusaver.load(prefix)
+
+
+def test_huge_partitioned_shape_is_refused_before_allocating(tmp_path):
+    prefix = str(tmp_path / "huge")
+    _partitioned(prefix, (1 << 40, 3), [((Extent(0, 2), Extent(0, None)), np.ones((2, 3), np.float32))])
+    with pytest.raises(CorruptCheckpointError, match="'p'"):
+        gpusaver.load(prefix)
+
+
+def test_huge_partitioned_shape_covered_by_huge_slices_is_refused(tmp_path):
+    prefix = str(tmp_path / "huge2")
+    shape = (1 << 40, 1 << 30)
+    entries = {naming.slice_key("p", (Extent(0, None), Extent(0, None))):
+               Entry(int(DataType.FLOAT), shape, 0, 0, (1 << 70) * 4, 0),
+               "p": Entry(int(DataType.FLOAT), shape, slices=((Extent(0, None), Extent(0, None)),))}
+    _craft(prefix, entries, b"\0" * 16)
+    with pytest.raises(CorruptCheckpointError, match="'p'"):
+        gpusaver.load(prefix)
+
+
+def test_huge_plain_shapes_are_refused_before_allocating(tmp_path):
+    prefix = str(tmp_path / "plain")
+    _craft(prefix, {"f": Entry(int(DataType.FLOAT), (1 << 40,), 0, 0, 4 << 40, 0),
+                    "s": Entry(int(DataType.STRING), (1 << 29,), 0, 0, (1 << 29) + 4, 0)}, b"\0" * 64)
+    for key in ("f", "s"):
+        with pytest.raises(CorruptCheckpointError, match=f"'{key}'.*truncated|plain.data.*'{key}'"):
+            gpusaver.load(prefix, keys=[key])
+
+
+# -- 6. every error is a GpusaverError naming the file --------------------------------------------
+@pytest.mark.parametrize("line", ['model_checkpoint_path: "a\\xZZ"', 'model_checkpoint_path: "a\\9"',
+                                  'model_checkpoint_path: "a\\q"'])
+def test_bad_escape_in_state_file(tmp_path, line):
+    (tmp_path / "checkpoint").write_text(line + "\n")
+    with pytest.raises(CorruptCheckpointError, match="checkpoint"):
+        gpusaver.latest_checkpoint(str(tmp_path))
+
+
+def test_array_too_big_is_a_corrupt_checkpoint(tmp_path):
+    prefix = str(tmp_path / "big")
+    shape = (1 << 62, 1 << 62)
+    _craft(prefix, {"p": Entry(int(DataType.FLOAT), shape, slices=((Extent(0, None), Extent(0, None)),)),
+                    naming.slice_key("p", (Extent(0, None), Extent(0, None))):
+                    Entry(int(DataType.FLOAT), shape, 0, 0, 16, 0)}, b"\0" * 16)
+    with pytest.raises(CorruptCheckpointError, match=r"big\.index.*'p'|'p'.*big\.index"):
+        gpusaver.load(prefix)
+
+
+def test_state_file_that_is_a_directory(tmp_path):
+    (tmp_path / "checkpoint").mkdir()
+    assert gpusaver.latest_checkpoint(str(tmp_path)) is None
+    with pytest.raises(GpusaverError, match="checkpoint"):
+        tf = pytest.importorskip("tensorflow")
+        gpusaver.Saver([tf.Variable(1.0, name="x")]).save(str(tmp_path / "m"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_index_that_is_a_directory(tmp_path):
+    (tmp_path / "m.index").mkdir()
+    with pytest.raises(GpusaverError, match=r"m\.index"):
+        gpusaver.load(str(tmp_path / "m"))
+    with pytest.raises(GpusaverError, match=r"m\.index"):
+        gpusaver.save(str(tmp_path / "m"), {"a": np.ones(2)})
+
+
+def test_restore_none_is_a_gpusaver_type_error():
+    tf = pytest.importorskip("tensorflow")
+    saver = gpusaver.Saver([tf.Variable(1.0, name="x")])
+    with pytest.raises(TypeError) as info:
+        saver.restore(None)
+    assert isinstance(info.value, GpusaverError) and "latest_checkpoint" in str(info.value)
+
+
+def test_data_file_that_is_a_directory(tmp_path):
+    prefix = str(tmp_path / "m")
+    gpusaver.save(prefix, {"a": np.ones(3)})
+    data = naming.data_path(prefix, 0, 1)
+    os.remove(data)
+    os.mkdir(data)
+    with pytest.raises(GpusaverError, match=r"m\.data-00000-of-00001"):
+        gpusaver.load(prefix)
+
+
+def test_bad_string_element_and_empty_name_are_gpusaver_errors(tmp_path):
+    with pytest.raises(TypeError, match=r"'s'.*element 1") as info:
+        gpusaver.save(str(tmp_path / "m"), {"s": np.array([b"ok", 3], dtype=object)})
+    assert isinstance(info.value, GpusaverError)
+    with pytest.raises(ValueError, match="non-empty") as info:
+        gpusaver.save(str(tmp_path / "m"), {"": np.ones(2)})
+    assert isinstance(info.value, GpusaverError)
+    assert os.listdir(tmp_path) == []
