@@ -10,7 +10,7 @@ from typing import Any, Iterable, Mapping
 
 from gpusaver.errors import MissingKeysError
 from gpusaver.format import paths
-from gpusaver.format.bundle import BundleReader
+from gpusaver.format.reader import BundleReader
 from gpusaver.options import Options
 from gpusaver.staging import devices, pipeline
 from gpusaver.staging.devices import Device

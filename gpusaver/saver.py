@@ -11,7 +11,7 @@ import numpy as np
 from gpusaver import core
 from gpusaver.errors import MissingKeysError
 from gpusaver.format import naming, paths
-from gpusaver.format.bundle import BundleReader
+from gpusaver.format.reader import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
 from gpusaver.log import log_done
 from gpusaver.options import Options

@@ -11,7 +11,7 @@ import pytest
 
 import gpusaver
 from gpusaver.errors import CorruptCheckpointError, GpusaverError
-from gpusaver.format import bundle as bundle_mod
+from gpusaver.format import writer as writer_mod
 from gpusaver.format import naming
 from gpusaver.format import state as state_mod
 from gpusaver.format.dtypes import DataType
@@ -96,7 +96,7 @@ def test_disk_full_writing_the_index_removes_what_the_save_created(tmp_path, mon
     saver = gpusaver.Saver([v])
     first = saver.save(str(tmp_path / "m"), global_step=1)
     before = _files(tmp_path)
-    _disk_full_for(bundle_mod, monkeypatch, ".index")
+    _disk_full_for(writer_mod, monkeypatch, ".index")
     with pytest.raises(OSError) as info:
         saver.save(str(tmp_path / "m"), global_step=2)
     assert isinstance(info.value, GpusaverError) and info.value.errno == errno.ENOSPC
@@ -138,7 +138,7 @@ def test_disk_full_writing_a_data_file_names_file_and_tensor(tmp_path, monkeypat
             return getattr(self._f, attr)
 
     real_open = open
-    monkeypatch.setattr(bundle_mod, "open",
+    monkeypatch.setattr(writer_mod, "open",
                         lambda p, m="r", *a, **k: Full(p) if ".data-" in p else real_open(p, m, *a, **k),
                         raising=False)
     with pytest.raises(OSError) as info:
@@ -184,7 +184,7 @@ def test_restore_failing_late_changes_no_variable(tmp_path):
     vs = [tf.Variable(np.full(100_000, i, np.float32), name=f"v{i:02d}") for i in range(20)]
     saver = gpusaver.Saver(vs)
     prefix = saver.save(str(tmp_path / "m"))
-    with bundle_mod.BundleReader(prefix) as r:
+    with gpusaver.format.BundleReader(prefix) as r:
         last = max(r.keys(), key=lambda n: r.entry(n).offset)
         entry = r.entry(last)
     data = naming.data_path(prefix, 0, 1)

@@ -13,7 +13,9 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from gpusaver.format import strings
-from gpusaver.format.bundle import BundleReader, BundleWriter, ShardWriter, num_elements
+from gpusaver.format.bundle import num_elements
+from gpusaver.format.reader import BundleReader
+from gpusaver.format.writer import BundleWriter, ShardWriter
 from gpusaver.log import log_done
 from gpusaver.options import Options
 from gpusaver.staging.devices import Device

@@ -4,7 +4,7 @@ import functools
 import threading
 
 from gpusaver.errors import InvalidArgumentError, MismatchError, UnsupportedError
-from gpusaver.format.bundle import BundleReader
+from gpusaver.format.reader import BundleReader
 from gpusaver.format.dtypes import dtype_to_enum
 from gpusaver.options import Options
 from gpusaver.staging import devices

@@ -38,7 +38,7 @@ from tensorflow.python.training.saving import saveable_object, saveable_object_u
 
 from gpusaver import core, tf_adapter
 from gpusaver.errors import MissingKeysError, UnsupportedError
-from gpusaver.format.bundle import BundleReader
+from gpusaver.format.reader import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
 from gpusaver.options import Options
 from gpusaver.staging.devices import CPU, Device

@@ -1,0 +1,335 @@
+"""Checked bundle reader: looks entries up in a checkpoint's ``.index``, checks every size and offset
+against the files before reading or allocating, verifies each tensor's CRC32C, and assembles
+partitioned (sliced) variables.
+"""
+import os
+import stat
+import threading
+
+import numpy as np
+
+from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError, io_error
+from gpusaver.format import naming, strings
+from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
+from gpusaver.format.dtypes import DataType, enum_to_dtype
+from gpusaver.format.proto import Entry, Header
+from gpusaver.format.table import TableFormatError, read_table
+from gpusaver.format.wire import crc32c, mask
+
+_IOV_MAX = 1024  # buffers per preadv (Linux's limit)
+_READ_PIECE = 1 << 20  # reads go in pieces this size (cache-sized: each is checksummed while hot)
+
+
+def _new_buffer(entry: Entry, allocate=None) -> np.ndarray:
+    """The uint8 buffer a numeric tensor is read into: ``allocate(nbytes)`` if given."""
+    return np.empty(entry.size, dtype=np.uint8) if allocate is None else allocate(entry.size)
+
+
+
+def _label(name: str, extents) -> str:
+    return name + "[" + ",".join(f"{e.start}:{'' if e.length is None else e.start + e.length}" for e in extents) + "]"
+
+
+
+class BundleReader:
+    """Reads a checkpoint written by TF or gpusaver. Raises CheckpointNotFoundError if the index is
+    missing and CorruptCheckpointError if it is not a valid bundle index."""
+
+    def __init__(self, prefix: str):
+        self.prefix = os.fspath(prefix)
+        self.index_path = naming.index_path(self.prefix)
+        try:
+            with open(self.index_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"checkpoint index {self.index_path!r} not found (prefix {self.prefix!r})") from None
+        except OSError as e:  # a directory of that name, no permission, an I/O error
+            raise io_error(e, self.index_path, "reading the checkpoint index") from e
+        try:
+            self._raw = read_table(data)
+            header = Header.decode(self._raw[b""])
+        except (TableFormatError, ValueError) as e:
+            raise CorruptCheckpointError(f"{self.index_path}: corrupt checkpoint index: {e}") from None
+        except KeyError:
+            raise CorruptCheckpointError(f"{self.index_path}: index has no bundle header") from None
+        if header.endianness != 0:
+            raise UnsupportedError(f"{self.index_path}: big-endian checkpoints are not supported")
+        if not 1 <= header.num_shards <= MAX_SHARDS:
+            raise CorruptCheckpointError(f"{self.index_path}: header claims {header.num_shards} shards")
+        self.num_shards = header.num_shards
+        self._entries: dict[bytes, Entry] = {}  # decoded and checked on first use
+        self._fds: dict[int, tuple[int, int]] = {}
+        self._lock = threading.Lock()
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """Tensor names, sorted as in the index (slice keys of partitioned variables excluded)."""
+        return [k.decode("utf-8", "replace") for k in self._raw if k and not k.startswith(b"\0")]
+
+    def __contains__(self, name: str) -> bool:
+        return name.encode("utf-8") in self._raw
+
+    def entry(self, name: str) -> Entry:
+        """The index entry of ``name``. Raises KeyError if absent, CorruptCheckpointError if garbled."""
+        return self._entry(name.encode("utf-8"), name)
+
+    def _entry(self, key: bytes, name: str) -> Entry:
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._entries[key] = self._decode_entry(key, name)
+        return entry
+
+    def _decode_entry(self, key: bytes, name: str) -> Entry:
+        try:
+            raw = self._raw[key]
+        except KeyError:
+            raise KeyError(name) from None
+        try:
+            entry = Entry.decode(raw)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{self.index_path}: entry of tensor {name!r} is corrupt: {e}") from None
+        if not 0 <= entry.shard_id < self.num_shards:
+            raise CorruptCheckpointError(f"{self.index_path}: tensor {name!r} is in shard {entry.shard_id}, "
+                                         f"but the checkpoint has {self.num_shards}")
+        if entry.slices:
+            return entry
+        try:
+            dtype = enum_to_dtype(entry.dtype)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"tensor {name!r} in {self.index_path}: {e}") from None
+        if dtype.kind == "O":
+            ok = entry.size >= num_elements(entry.shape) + 4  # each length takes >= 1 varint byte
+        else:
+            ok = entry.size == num_elements(entry.shape) * dtype.itemsize
+        if not ok:
+            raise CorruptCheckpointError(f"{self.index_path}: tensor {name!r} has {entry.size} bytes, "
+                                         f"which cannot hold shape {entry.shape} of {dtype}")
+        return entry
+
+    def dtype(self, name: str) -> np.dtype:
+        return enum_to_dtype(self.entry(name).dtype)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _data_fd(self, shard: int) -> tuple[int, int]:
+        with self._lock:
+            if shard not in self._fds:
+                path = naming.data_path(self.prefix, shard, self.num_shards)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    raise CheckpointNotFoundError(f"checkpoint data file {path!r} not found") from None
+                except OSError as e:
+                    raise io_error(e, path, "opening checkpoint data") from e
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    os.close(fd)
+                    raise CheckpointNotFoundError(f"checkpoint data file {path!r} is not a regular file "
+                                                  "(a directory?)")
+                self._fds[shard] = (fd, info.st_size)
+            return self._fds[shard]
+
+    def data_file(self, entry: Entry) -> str:
+        return naming.data_path(self.prefix, entry.shard_id, self.num_shards)
+
+    def _check_extent(self, name: str, entry: Entry) -> int:
+        fd, size = self._data_fd(entry.shard_id)
+        if entry.offset + entry.size > size:
+            raise CorruptCheckpointError(
+                f"{self.data_file(entry)}: tensor {name!r} needs bytes [{entry.offset}, "
+                f"{entry.offset + entry.size}) but the file has {size} (truncated?)")
+        return fd
+
+    def pread_into(self, entry: Entry, name: str, view: memoryview, offset: int):
+        """Fill ``view`` from the tensor's bytes starting ``offset`` bytes into it (GIL released)."""
+        self._preadv(self._check_extent(name, entry), entry.offset + offset, [view], entry, name)
+
+    def _preadv(self, fd: int, position: int, views: list[memoryview], entry: Entry, name: str):
+        """Fill ``views`` (flat byte memoryviews) in turn from the file bytes at ``position``: one
+        scatter read if the kernel allows; short reads continue where they stopped."""
+        views = [v for v in views if len(v)]
+        while views:
+            try:
+                got = os.preadv(fd, views[:_IOV_MAX], position)
+            except OSError as e:
+                raise io_error(e, self.data_file(entry), "reading checkpoint data", name) from e
+            if got <= 0:
+                raise CorruptCheckpointError(f"{self.data_file(entry)}: unexpected end of file in {name!r}")
+            position += got
+            done = 0
+            while done < len(views) and got >= len(views[done]):
+                got -= len(views[done])
+                done += 1
+            views = views[done:]
+            if got:
+                views[0] = views[0][got:]
+
+    def crc_error(self, name: str, entry: Entry, found: int) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.data_file(entry)}: CRC32C mismatch in tensor {name!r} "
+            f"(index says {entry.crc32c:#010x}, data gives {found:#010x})")
+
+    def check_crc(self, name: str, entry: Entry, crc: int):
+        """Raise CorruptCheckpointError naming tensor and file unless ``crc`` (the CRC32C of the
+        tensor's bytes, unmasked) matches the index."""
+        if mask(crc) != entry.crc32c:
+            raise self.crc_error(name, entry, mask(crc))
+
+    def read_into(self, name: str, out):
+        """Fill ``out`` (a writable C-contiguous buffer of exactly the tensor's byte size) with the
+        tensor, verifying its CRC32C. Raises MismatchError on a size mismatch and
+        CorruptCheckpointError on a bad checksum."""
+        self._read_into(name, self.entry(name), byte_view(out))
+
+    def _read_into(self, name: str, entry: Entry, view: memoryview):
+        if not self._plain(entry):
+            value = self._read(name, entry)
+            if value.dtype.kind == "O":
+                raise MismatchError(f"tensor {name!r} holds strings; use read()")
+            if len(view) != value.nbytes:
+                raise MismatchError(f"tensor {name!r}: buffer holds {len(view)} bytes, checkpoint has {value.nbytes}")
+            view[:] = byte_view(value)
+            return
+        if len(view) != entry.size:
+            raise MismatchError(f"tensor {name!r}: buffer holds {len(view)} bytes, checkpoint has {entry.size}")
+        # Checksummed piece by piece, while each piece is still in the CPU cache.
+        crc = 0
+        for start in range(0, entry.size, _READ_PIECE):
+            piece = view[start:start + _READ_PIECE]
+            self.pread_into(entry, name, piece, start)
+            crc = crc32c(piece, crc)
+        self.check_crc(name, entry, crc)
+
+    def read(self, name: str, allocate=None) -> np.ndarray:
+        """The tensor as a new numpy array (bytes objects for DT_STRING), CRC-checked; partitioned
+        tensors are assembled from their slices.
+
+        ``allocate(nbytes)``, if given, makes the uint8 buffer a numeric tensor is read into (e.g.
+        aligned memory another framework can adopt); it is called only after the tensor's extent
+        has been checked against the data file.
+        """
+        return self._read(name, self.entry(name), allocate)
+
+    def read_many(self, names: list[str], allocate=None) -> list[np.ndarray]:
+        """``[read(name, allocate) for name in names]``, but each run of plain tensors that lie
+        back to back in one data file (up to ``_READ_PIECE`` bytes) is read with one scatter read
+        into their buffers: models have thousands of small tensors, and a read each was most of
+        their cost.
+        """
+        entries = [self.entry(n) for n in names]
+        out = []
+        i = 0
+        while i < len(names):
+            first = entries[i]
+            j, end = i, first.offset
+            while (j < len(names) and self._plain(entries[j]) and entries[j].shard_id == first.shard_id
+                   and entries[j].offset == end and end + entries[j].size - first.offset <= _READ_PIECE):
+                end += entries[j].size
+                j += 1
+            if j - i < 2:  # a lone or large tensor, strings or slices: the ordinary read
+                out.append(self._read(names[i], first, allocate))
+                i += 1
+                continue
+            fd = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
+            buffers = [_new_buffer(e, allocate) for e in entries[i:j]]
+            self._preadv(fd, first.offset, [memoryview(b) for b in buffers], first, names[i])
+            for name, entry, buf in zip(names[i:j], entries[i:j], buffers):
+                self.check_crc(name, entry, crc32c(buf))
+                out.append(buf.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
+            i = j
+        return out
+
+    @staticmethod
+    def _plain(entry: Entry) -> bool:
+        return not entry.slices and entry.dtype != DataType.STRING
+
+    def _read(self, name: str, entry: Entry, allocate=None) -> np.ndarray:
+        if entry.slices:
+            return self._read_sliced(name, entry)
+        dtype = enum_to_dtype(entry.dtype)
+        self._check_extent(name, entry)  # before allocating anything sized from the index
+        if dtype.kind != "O":
+            buf = _new_buffer(entry, allocate)
+            self._read_into(name, entry, memoryview(buf))
+            return buf.view(dtype).reshape(entry.shape)
+        raw = bytearray(entry.size)
+        self.pread_into(entry, name, memoryview(raw), 0)
+        try:
+            values, crc = strings.decode(raw, num_elements(entry.shape), name)
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{self.data_file(entry)}: {e}") from None
+        if crc != entry.crc32c:
+            raise self.crc_error(name, entry, crc)
+        return values.reshape(entry.shape)
+
+    def check_slices(self, name: str, entry: Entry) -> list[tuple[tuple[slice, ...], str, Entry]]:
+        """Check a partitioned entry against the index and the data files, allocating nothing:
+        every slice lies inside the tensor, has its own entry of the right dtype and shape whose
+        bytes lie in its data file, and together they cover the tensor exactly once (no gap, no
+        overlap). Returns ``[(index into the full array, label, slice entry)]``; raises
+        CorruptCheckpointError naming the index file and the tensor.
+        """
+        where = f"{self.index_path}: partitioned tensor {name!r} (shape {entry.shape})"
+        try:
+            dtype = enum_to_dtype(entry.dtype)
+        except UnsupportedError as e:
+            raise UnsupportedError(f"tensor {name!r} in {self.index_path}: {e}") from None
+        total = num_elements(entry.shape)
+        # numpy cannot even describe more than 2**63 bytes; a data file cannot hold them either.
+        if total * max(dtype.itemsize, 1) >= 1 << 62:
+            raise CorruptCheckpointError(f"{where} claims {total} elements, more than any file holds")
+        boxes, out, covered = [], [], 0
+        for extents in entry.slices:
+            if len(extents) != len(entry.shape):
+                raise CorruptCheckpointError(f"{where}: a slice has rank {len(extents)}, the tensor {len(entry.shape)}")
+            box = []
+            for e, dim in zip(extents, entry.shape):
+                stop = dim if e.length is None else e.start + e.length
+                if not 0 <= e.start <= stop <= dim:
+                    raise CorruptCheckpointError(f"{where}: slice {_label(name, extents)} lies outside the tensor")
+                box.append((e.start, stop))
+            label = _label(name, extents)
+            for other, other_label in boxes:
+                if all(a0 < b1 and b0 < a1 for (a0, a1), (b0, b1) in zip(box, other)):
+                    raise CorruptCheckpointError(f"{where}: slices {other_label} and {label} overlap")
+            boxes.append((box, label))
+            try:
+                part = self._entry(naming.slice_key(name, extents), label)
+            except KeyError:
+                raise CorruptCheckpointError(f"{where}: slice {label} is missing") from None
+            want = tuple(b - a for a, b in box)
+            if part.slices or part.shape != want or part.dtype != entry.dtype:
+                raise CorruptCheckpointError(
+                    f"{where}: slice {label} is stored as {enum_to_dtype(part.dtype) if not part.slices else 'slices'} "
+                    f"of shape {part.shape}, expected {dtype} of shape {want}")
+            self._check_extent(label, part)
+            covered += num_elements(want)
+            out.append((tuple(slice(a, b) for a, b in box), label, part))
+        if covered != total:  # no overlaps, so a shortfall is a gap
+            raise CorruptCheckpointError(f"{where}: its slices cover {covered} of its {total} elements")
+        return out
+
+    def _read_sliced(self, name: str, entry: Entry) -> np.ndarray:
+        parts = self.check_slices(name, entry)  # before the full-size allocation
+        full = np.empty(entry.shape, dtype=enum_to_dtype(entry.dtype))
+        for index, label, part in parts:
+            full[index] = self._read(label, part)
+        return full
+
+    def close(self):
+        with self._lock:
+            for fd, _ in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

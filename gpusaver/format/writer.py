@@ -1,0 +1,290 @@
+"""Streaming bundle writer: a checkpoint prefix's ``.data`` shards plus its ``.index``.
+
+Each tensor is declared (name, dtype, shape), then its bytes appended in any number of chunks
+from any buffer; the CRC32C is extended per chunk, so no tensor is ever joined into one ``bytes``.
+Data files and the index are written under temporary names and renamed over the final ones at
+:meth:`BundleWriter.finish`, data first and the index last; files a save replaces are kept aside
+(hard links) until it has committed, so a failed save leaves the previous checkpoint as it was.
+"""
+import os
+import threading
+
+import numpy as np
+
+from gpusaver.errors import MismatchError, io_error
+from gpusaver.format import naming, strings
+from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
+from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
+from gpusaver.format.proto import Entry, Header
+from gpusaver.format.table import TableBuilder
+from gpusaver.format.wire import crc32c, crc32c_combine, mask
+
+_WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large writes
+
+
+def _numeric_nbytes(name: str, dtype: int, shape) -> int:
+    np_dtype = enum_to_dtype(dtype)
+    return num_elements(shape) * np_dtype.itemsize
+
+
+class ShardWriter:
+    """Appends tensors to one data file. One thread at a time; several shards may run in parallel."""
+
+    def __init__(self, bundle: "BundleWriter", shard_id: int):
+        self._bundle = bundle
+        self.shard_id = shard_id
+        self.final_path = naming.data_path(bundle.prefix, shard_id, bundle.num_shards)
+        self.temp_path = naming.temp_path(self.final_path)
+        try:
+            self._file = open(self.temp_path, "wb", buffering=_WRITE_BUFFER)
+        except OSError as e:
+            raise io_error(e, self.final_path, "creating checkpoint data") from e
+        self.offset = 0
+        self._open = None  # (name, dtype, shape, start offset, expected bytes, running crc)
+
+    def begin(self, name: str, dtype, shape):
+        """Declare a numeric tensor; its ``prod(shape) * itemsize`` bytes follow through :meth:`write`.
+
+        ``dtype`` is a DataType or numpy dtype. Raises MismatchError if ``name`` was already added.
+        """
+        if self._open is not None:
+            raise RuntimeError(f"tensor {self._open[0]!r} is still open on shard {self.shard_id}")
+        dtype = dtype if isinstance(dtype, DataType) else dtype_to_enum(dtype)
+        if dtype == DataType.STRING:
+            raise ValueError(f"tensor {name!r}: string tensors go through add_strings()")
+        shape = tuple(int(d) for d in shape)
+        self._bundle._reserve(name)
+        self._open = [name, dtype, shape, self.offset, _numeric_nbytes(name, dtype, shape), 0]
+
+    def write(self, buf, crc: int | None = None):
+        """Append the next chunk of the open tensor (any C-contiguous buffer; nothing is joined).
+
+        ``crc``: the chunk's own CRC32C if the caller computed it already (e.g. on another thread
+        or on the GPU); it is combined into the tensor's CRC instead of re-reading the bytes.
+        """
+        view = byte_view(buf)
+        state = self._open
+        if self.offset + len(view) - state[3] > state[4]:
+            raise MismatchError(f"tensor {state[0]!r}: more than the {state[4]} bytes its shape holds")
+        state[5] = crc32c(view, state[5]) if crc is None else crc32c_combine(state[5], crc, len(view))
+        self._put(view, state[0])
+        self.offset += len(view)
+
+    def _put(self, data, name: str | None):
+        try:
+            self._file.write(data)
+        except OSError as e:
+            raise io_error(e, self.final_path, "writing checkpoint data", name) from e
+
+    def end(self):
+        """Close the open tensor and record its index entry. Raises MismatchError if bytes are missing."""
+        name, dtype, shape, start, expected, crc = self._open
+        self._open = None
+        if self.offset - start != expected:
+            raise MismatchError(f"tensor {name!r}: got {self.offset - start} bytes, shape {shape} "
+                                f"of {DataType(dtype).name} needs {expected}")
+        self._bundle._record(name, Entry(int(dtype), shape, self.shard_id, start, expected, mask(crc)))
+
+    def add_array(self, name: str, array):
+        """Add a whole host array (numeric, or str/bytes/object for DT_STRING) in one call."""
+        array = np.asarray(array)
+        if array.dtype.kind in "OSU":
+            self.add_strings(name, array.shape, strings.as_bytes_list(array, name))
+            return
+        if not array.dtype.isnative:
+            array = array.astype(array.dtype.newbyteorder("="))
+        self.begin(name, array.dtype, array.shape)
+        self.write(array if array.flags.c_contiguous else array.copy(order="C"))
+        self.end()
+
+    def add_strings(self, name: str, shape, items: list[bytes]):
+        """Add a DT_STRING tensor from its row-major elements."""
+        shape = tuple(int(d) for d in shape)
+        if len(items) != num_elements(shape):
+            raise MismatchError(f"tensor {name!r}: {len(items)} strings for shape {shape}")
+        self._bundle._reserve(name)
+        data, crc = strings.encode(items)
+        self._put(data, name)
+        self._bundle._record(name, Entry(int(DataType.STRING), shape, self.shard_id, self.offset,
+                                         len(data), crc))
+        self.offset += len(data)
+
+    def _close(self, fsync: bool):
+        if self._open is not None:
+            raise RuntimeError(f"tensor {self._open[0]!r} was begun but never ended")
+        try:
+            self._file.flush()
+            if fsync:
+                os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as e:
+            raise io_error(e, self.final_path, "writing checkpoint data") from e
+
+
+class BundleWriter:
+    """Writes one checkpoint: ``prefix.index`` and ``prefix.data-0000i-of-0000n``.
+
+    Use as a context manager, or call :meth:`finish` (success) or :meth:`abort` (failure). Tensors
+    go through :meth:`shard` (one :class:`ShardWriter` per thread); with one shard the writer's own
+    ``begin/write/end/add_array/add_strings`` forward to shard 0. ``fsync=True`` syncs files and the
+    directory before each rename (durable across power loss, slower); TF does not.
+
+    ``on_commit(prefix)``, if given, runs once the files are in place (e.g. to write the state
+    file); its result is :attr:`committed`. If it raises, the save is rolled back: the files it
+    replaced are put back, the ones it created removed.
+    """
+
+    def __init__(self, prefix: str, num_shards: int = 1, fsync: bool = False, on_commit=None):
+        if not 1 <= num_shards <= MAX_SHARDS:
+            raise ValueError(f"num_shards must be in [1, {MAX_SHARDS}], got {num_shards}")
+        self.prefix = os.fspath(prefix)
+        self.num_shards = num_shards
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._names: set[str] = set()
+        self._entries: dict[str, Entry] = {}
+        self._on_commit = on_commit
+        self.committed = None
+        self._index_temp = None
+        directory = os.path.dirname(self.prefix)
+        if directory:
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as e:
+                raise io_error(e, directory, "creating the checkpoint directory") from e
+        self._shards = []
+        try:
+            for i in range(num_shards):
+                self._shards.append(ShardWriter(self, i))
+        except BaseException:
+            self.abort()
+            raise
+
+    def shard(self, i: int) -> ShardWriter:
+        return self._shards[i]
+
+    def __getattr__(self, attr):
+        if attr in ("begin", "write", "end", "add_array", "add_strings"):
+            return getattr(self._shards[0], attr)
+        raise AttributeError(attr)
+
+    def _reserve(self, name: str):
+        with self._lock:
+            if name in self._names:
+                raise MismatchError(f"tensor name {name!r} added twice to checkpoint {self.prefix!r}")
+            self._names.add(name)
+
+    def _record(self, name: str, entry: Entry):
+        with self._lock:
+            self._entries[name] = entry
+
+    def finish(self):
+        """Close the data files, write the index, then rename them into place: data first, the
+        index last (a checkpoint exists once its index does), then run ``on_commit``.
+
+        An old checkpoint under the same prefix is replaced file by file, never deleted first: its
+        index stays readable until the new one replaces it. Until the save has committed, the
+        files it replaces are kept aside (hard links, where the file system has them) and put
+        back on any failure, so a failed overwrite leaves the old checkpoint loadable. A crash
+        (power loss, SIGKILL) between the data and index renames can still leave the old index
+        beside new data; the reader's CRC check then refuses it rather than returning wrong values.
+        Raises CheckpointIOError naming the file on any OS error (disk full, a directory in the way).
+        """
+        placed = []  # (final path, existed before, backup or None), in the order replaced
+        try:
+            for s in self._shards:
+                s._close(self._fsync)
+            table = TableBuilder()
+            table.add(b"", Header(num_shards=self.num_shards).encode())
+            for key, name in sorted((n.encode("utf-8"), n) for n in self._entries):
+                table.add(key, self._entries[name].encode())
+            index = naming.index_path(self.prefix)
+            self._index_temp = naming.temp_path(index)
+            try:
+                with open(self._index_temp, "wb") as f:
+                    f.write(table.finish())
+                    if self._fsync:
+                        f.flush()
+                        os.fsync(f.fileno())
+            except OSError as e:
+                raise io_error(e, index, "writing the checkpoint index") from e
+            for src, dst in [(s.temp_path, s.final_path) for s in self._shards] + [(self._index_temp, index)]:
+                existed, backup = _keep_aside(dst)
+                try:
+                    os.replace(src, dst)
+                except BaseException as e:
+                    _discard(backup)
+                    if isinstance(e, OSError):
+                        raise io_error(e, dst, "renaming the checkpoint file into place") from e
+                    raise
+                placed.append((dst, existed, backup))
+            if self._fsync:
+                _fsync_dir(os.path.dirname(index) or ".")
+            self.committed = self._on_commit(self.prefix) if self._on_commit else self.prefix
+        except BaseException:
+            _roll_back(placed)
+            self.abort()
+            raise
+        for _, _, backup in placed:
+            _discard(backup)
+        return self.committed
+
+    def abort(self):
+        """Remove the temporary files; nothing under the final names is touched."""
+        for s in self._shards:
+            try:
+                s._file.close()
+            except Exception:
+                pass
+            _discard(s.temp_path)
+        _discard(self._index_temp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+
+def _discard(path: str | None):
+    if path is not None:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+def _keep_aside(path: str) -> tuple[bool, str | None]:
+    """(whether ``path`` exists, a hard link to it that survives its replacement, or None where
+    none could be made)."""
+    if not os.path.lexists(path):
+        return False, None
+    backup = naming.temp_path(path)
+    try:
+        os.link(path, backup)
+    except OSError:  # no hard links here (or a directory in the way): no rollback for this file
+        return True, None
+    return True, backup
+
+
+def _roll_back(placed):
+    """Undo the renames of a failed commit, newest first: the index goes back before the data."""
+    for path, existed, backup in reversed(placed):
+        try:
+            if backup is not None:
+                os.rename(backup, path)  # rename, like replace, overwrites atomically (POSIX)
+            elif not existed:
+                os.remove(path)
+        except OSError:
+            pass
+
+
+def _fsync_dir(directory: str):
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
