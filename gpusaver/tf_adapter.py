@@ -9,7 +9,6 @@ And TF numbers a capsule's CUDA device by its own logical index (``/GPU:n`` → 
 ways), which is not the CUDA ordinal under ``tf.config.set_visible_devices`` or virtual devices:
 capsules are renumbered in place where the two differ (:func:`cuda_ordinals`).
 """
-import ctypes
 import functools
 import logging
 
@@ -21,6 +20,7 @@ from tensorflow.python.eager import context, execute  # for the batched variable
 from gpusaver.errors import InvalidTypeError, MismatchError
 from gpusaver.format.dtypes import enum_to_dtype
 from gpusaver.staging import devices
+from gpusaver.staging.cuda import dlpack  # ctypes only: CuPy is imported when an array needs it
 from gpusaver.staging.devices import Device
 
 logger = logging.getLogger("gpusaver")
@@ -150,27 +150,6 @@ def sync_devices():
             (tf.zeros([]) + 1.0).numpy()
 
 
-class _Exported:
-    """A GPU tensor's DLPack capsule, taken by :func:`export_gpu`, numbered by CUDA ordinal.
-
-    Holding the capsule holds the tensor's buffer (TF's capsule keeps a reference to it). Any
-    ``stream`` is accepted and ignored: TF's work on the buffer finished before the capsule was
-    taken, so there is nothing to order against; a legacy capsule answers any ``max_version``.
-    """
-    __slots__ = ("_capsule", "_ordinal")
-
-    def __init__(self, capsule, ordinal: int):
-        self._capsule, self._ordinal = capsule, ordinal
-
-    def __dlpack_device__(self):
-        return (_DLPACK_CUDA, self._ordinal)
-
-    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
-        if copy or (dl_device is not None and tuple(dl_device) != self.__dlpack_device__()):
-            raise BufferError("a TF tensor's exported capsule can only be shared where it lives")
-        return self._capsule
-
-
 def export_gpu(value):
     """A snapshot tensor ready for the save thread: GPU tensors become their DLPack capsules
     (numbered by CUDA ordinal); anything else is returned as it is.
@@ -196,8 +175,8 @@ def export_gpu(value):
             pass
         else:
             if ordinal != tf_index:
-                _dl_device(capsule)[1] = ordinal
-            return _Exported(capsule, ordinal)
+                dlpack.device_field(capsule)[1] = ordinal
+            return dlpack.CapsuleProducer(capsule, (_DLPACK_CUDA, ordinal))
     with tf.device("/CPU:0"):
         return tf.identity(value)
 
@@ -209,10 +188,10 @@ def as_array(value):
     DLPack knows no bfloat16); GPU tensors exported by :func:`export_gpu` pass as they are (the
     core imports them into CuPy by DLPack). Strings are copied (TF stores them as C++ objects).
     """
-    if isinstance(value, _Exported):
+    if isinstance(value, (dlpack.CapsuleProducer, np.ndarray)):
         return value
     if value.dtype == tf.string:
-        return value.numpy()
+        return np.asarray(value.numpy(), dtype=object)  # a scalar string's numpy() is bytes
     if devices.parse(value.device).is_cuda:  # not exported: the core's DLPack import handles it
         return value
     if value.dtype == tf.bfloat16:
@@ -338,21 +317,6 @@ def target_device(var: tf.Variable, device_map: dict | None) -> Device:
     return Device("cuda", ordinal, target.name or f"/device:GPU:{target.index}")
 
 
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype = ctypes.c_void_p
-_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
-
-
-def _dl_device(capsule):
-    """The (device_type, device_id) pair inside a legacy DLPack capsule, writable in place.
-
-    ``DLManagedTensor`` begins with ``DLTensor {void *data; DLDevice device; ...}``. Raises
-    ValueError for a capsule that is not an unconsumed ``"dltensor"``.
-    """
-    address = _capsule_pointer(capsule, b"dltensor")
-    return (ctypes.c_int32 * 2).from_address(address + ctypes.sizeof(ctypes.c_void_p))
-
-
 def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     """A TF tensor over a restored host array, zero-copy through DLPack where TF allows.
 
@@ -382,14 +346,13 @@ def assign(var: tf.Variable, value):
     restore. If the value is on another device than the variable, the op copies it across.
     """
     if hasattr(value, "__cuda_array_interface__"):
-        # Imported lazily: CPU-only restores never reach it. The core hands back complete arrays,
-        # so the stream-less legacy capsule (the only kind TF takes) needs no ordering.
-        from gpusaver.staging.cuda import dlpack
+        # The core hands back complete arrays, so the stream-less legacy capsule (the only kind
+        # TF takes) needs no ordering.
         capsule = dlpack.legacy_capsule(value)
         ordinal = devices.of_array(value).index
         tf_index = _tf_index(ordinal, device_of(var))
         if tf_index != ordinal:  # TF reads the capsule's device_id as its own /GPU:n
-            _dl_device(capsule)[1] = tf_index
+            dlpack.device_field(capsule)[1] = tf_index
         tensor = tf.experimental.dlpack.from_dlpack(capsule)
     else:
         tensor = _host_tensor(value, var.dtype)

@@ -40,7 +40,7 @@ def test_tf_tensor_exports_a_legacy_capsule_without_a_stream(kwargs):
     t = tf.constant([1.0, 2.0, 3.0])
     capsule = t.__dlpack__(**kwargs)
     assert dlpack.capsule_name(capsule) == dlpack.LEGACY  # max_version is ignored: never versioned
-    np.testing.assert_array_equal(np.from_dlpack(_Holder(capsule, (1, 0))), [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(np.from_dlpack(dlpack.CapsuleProducer(capsule, (1, 0))), [1.0, 2.0, 3.0])
 
 
 def test_tf_import_takes_legacy_capsules_and_refuses_versioned_ones():
@@ -70,7 +70,7 @@ def test_tf_numbers_exported_capsules_by_its_logical_device():
     assert "CPU:2" in t.device
     assert tuple(t.__dlpack_device__()) == (1, 2)
     capsule = t.__dlpack__()
-    assert tuple(tf_adapter._dl_device(capsule)) == (1, 2)
+    assert tuple(dlpack.device_field(capsule)) == (1, 2)
 
 
 def test_tf_imports_a_cuda_capsule_onto_its_own_gpu_of_that_number():
@@ -80,7 +80,7 @@ def test_tf_imports_a_cuda_capsule_onto_its_own_gpu_of_that_number():
         pytest.skip("needs a TF without GPUs, so that GPU:7 does not exist")
     a = np.arange(4.0)
     capsule = a.__dlpack__()
-    device = tf_adapter._dl_device(capsule)
+    device = dlpack.device_field(capsule)
     device[0], device[1] = 2, 7  # kDLCUDA, 7
     try:
         with pytest.raises(tf.errors.InvalidArgumentError, match="GPU:7"):
@@ -97,36 +97,23 @@ def test_sync_devices_is_available_and_runs_without_gpus():
 
 # -- the adapter's exchange pieces -------------------------------------------------------------
 
-class _Holder:
-    """A capsule as a DLPack producer, for numpy's from_dlpack (which takes objects only)."""
-
-    def __init__(self, capsule, device):
-        self._capsule, self._device = capsule, device
-
-    def __dlpack_device__(self):
-        return self._device
-
-    def __dlpack__(self, **kwargs):
-        return self._capsule
-
-
 def test_capsule_renumbering_edits_only_the_device_id():
     t = tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4))
     capsule = t.__dlpack__()
-    device = tf_adapter._dl_device(capsule)
+    device = dlpack.device_field(capsule)
     assert tuple(device) == (1, 0)
     device[1] = 5
-    assert tuple(tf_adapter._dl_device(capsule)) == (1, 5)
+    assert tuple(dlpack.device_field(capsule)) == (1, 5)
     # The rest of the struct is intact: numpy reads shape, dtype and data through it.
-    out = np.from_dlpack(_Holder(capsule, (1, 0)))
+    out = np.from_dlpack(dlpack.CapsuleProducer(capsule, (1, 0)))
     np.testing.assert_array_equal(out, np.arange(12, dtype=np.float32).reshape(3, 4))
     with pytest.raises(ValueError):
-        tf_adapter._dl_device(capsule)  # consumed ("used_dltensor"): refused, not written
+        dlpack.device_field(capsule)  # consumed ("used_dltensor"): refused, not written
 
 
 def test_exported_capsule_object_shares_where_it_lives_only():
     capsule = tf.constant([1.0]).__dlpack__()
-    exported = tf_adapter._Exported(capsule, 3)
+    exported = dlpack.CapsuleProducer(capsule, (2, 3))
     assert exported.__dlpack_device__() == (2, 3)
     assert devices.of_array(exported) == Device("cuda", 3)
     assert exported.__dlpack__(stream=0x1234, max_version=(1, 0)) is capsule  # any stream: work is done

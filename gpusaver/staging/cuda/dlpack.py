@@ -28,19 +28,41 @@ def capsule_name(capsule) -> bytes | None:
     return None
 
 
-class _Capsule:
-    """A capsule dressed as a DLPack producer, for consumers that only take objects."""
+class CapsuleProducer:
+    """A legacy capsule dressed as a DLPack producer, for consumers that only take objects.
 
-    def __init__(self, capsule, device):
-        self._capsule, self._device = capsule, device
+    Any ``stream`` is accepted and ignored: the producer finished its work before the capsule was
+    taken, so there is nothing to order against; a legacy capsule answers any ``max_version``.
+    Holding the capsule holds the producer's buffer.
+    """
+    __slots__ = ("_capsule", "_device")
+
+    def __init__(self, capsule, device: tuple[int, int]):
+        self._capsule, self._device = capsule, tuple(device)
 
     def __dlpack_device__(self):
         return self._device
 
-    def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
-        # A legacy capsule answers any max_version (the DLPack protocol allows it); the producer
-        # finished its work before this object was made, so there is no stream to order against.
+    def __dlpack__(self, *, stream=None, max_version=None, dl_device=None, copy=None):
+        if copy or (dl_device is not None and tuple(dl_device) != self._device):
+            raise BufferError("an exported capsule can only be shared where it lives, without a copy")
         return self._capsule
+
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def device_field(capsule):
+    """The (device_type, device_id) pair inside a legacy DLPack capsule, writable in place (TF
+    numbers devices by its logical index, CuPy by CUDA ordinal).
+
+    ``DLManagedTensor`` begins with ``DLTensor {void *data; DLDevice device; ...}``. Raises
+    ValueError for a capsule that is not an unconsumed ``"dltensor"``.
+    """
+    address = _capsule_pointer(capsule, LEGACY)
+    return (ctypes.c_int32 * 2).from_address(address + ctypes.sizeof(ctypes.c_void_p))
 
 
 def import_array(obj):
@@ -60,7 +82,7 @@ def import_array(obj):
     except (RuntimeError, BufferError, TypeError):
         # TF 2.21: "__dlpack__ stream argument not supported" (RuntimeError). Its capsule export
         # needs no stream: the producer's work was synchronised before the tensor reached us.
-        return cp.from_dlpack(_Capsule(obj.__dlpack__(), obj.__dlpack_device__()))
+        return cp.from_dlpack(CapsuleProducer(obj.__dlpack__(), obj.__dlpack_device__()))
 
 
 def legacy_capsule(array):
