@@ -222,7 +222,7 @@ class Saver:
             for name, var in self._vars.items():
                 if var.device not in by_device:
                     by_device[var.device] = tf_adapter.target_device(var, device_map)
-                requests.append((name, self._staging_device(by_device[var.device], reader.dtype(name))))
+                requests.append((name, self._stager.staging_device(by_device[var.device], reader.dtype(name))))
             # Values arrive in file order and are assigned as they come (overlapping reads); the
             # previous values are held (copy-on-write reads: no copy, a few batched op calls) and
             # put back if a later tensor fails, so a failed restore changes nothing. They are read
@@ -241,13 +241,3 @@ class Saver:
                 raise
             log_done("restore", prefix, sum(reader.entry(n).size for n in self._vars),
                      time.perf_counter() - started)
-
-    def _staging_device(self, target: Device, dtype) -> Device:
-        """Upload through CuPy when the target is a GPU and CuPy is there; otherwise TF uploads."""
-        if target.is_cuda and dtype.kind != "O":
-            try:
-                self._stager.cuda()
-                return target
-            except ImportError:
-                pass
-        return Device("cpu", 0)

@@ -107,6 +107,18 @@ class Stager:
         return SaveBuffers(self, items, mode, ready)
 
     # -- restore -------------------------------------------------------------------------------
+    def staging_device(self, target: Device, dtype) -> Device:
+        """Where a value for ``target`` is read to: the GPU itself (uploaded through CuPy) when
+        ``target`` is one, the dtype is numeric and CuPy is there; else the host (the framework
+        uploads it)."""
+        if target.is_cuda and dtype.kind != "O":
+            try:
+                self.cuda()
+                return target
+            except ImportError:
+                pass
+        return devices.CPU
+
     def fetch(self, reader: BundleReader, batch: list[tuple[str, Device]]) -> list:
         """Read each (name, device) of ``batch`` (CRC-checked) onto its device: numpy arrays on the
         host (64-byte aligned, so TF and CUDA uploads adopt them without a copy), CuPy on a GPU,

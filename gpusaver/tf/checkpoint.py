@@ -41,7 +41,7 @@ from gpusaver.errors import MissingKeysError, UnsupportedError
 from gpusaver.format.reader import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
 from gpusaver.options import Options
-from gpusaver.staging.devices import CPU, Device
+from gpusaver.staging.devices import CPU
 
 OBJECT_GRAPH_KEY = getattr(trackable_base, "OBJECT_GRAPH_PROTO_KEY", "_CHECKPOINTABLE_OBJECT_GRAPH")
 _VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -122,18 +122,6 @@ def _read_values(values: dict, variables: dict) -> dict:
     return out
 
 
-def _to_array(value):
-    """The core's conversion, also taking numpy arrays and TF string tensors of any rank."""
-    if isinstance(value, np.ndarray):
-        return value
-    if getattr(value, "dtype", None) == tf.string:
-        return np.asarray(value.numpy(), dtype=object)  # a scalar string's numpy() is bytes
-    try:
-        return tf_adapter.as_array(value)
-    except AttributeError:  # TF 2.16's EagerTensor has no __dlpack__ (as_array expects one)
-        return value.numpy()
-
-
 class _Reader:
     """What TF's restore coordinator asks of a ``CheckpointReader``, answered by gpusaver's reader."""
 
@@ -190,18 +178,6 @@ def _simple_target(saveable):
     return None if obj is None else _plain_variable(obj, {saveable.specs[0].name: None})
 
 
-def _staging_device(stager, var, reader: BundleReader, key: str) -> Device:
-    """Upload through CuPy when the variable is on a GPU and CuPy is there; otherwise TF uploads."""
-    target = tf_adapter.target_device(var, None)
-    if target.is_cuda and reader.dtype(key).kind != "O":
-        try:
-            stager.cuda()
-            return target
-        except ImportError:
-            pass
-    return CPU
-
-
 def _restore(reader: _Reader, stager, saveables: list):
     """Read every saveable's values with gpusaver and hand them over: plain variables are assigned
     from the staged arrays, other saveables get tensors through their own ``restore``. Dtypes and
@@ -222,7 +198,8 @@ def _restore(reader: _Reader, stager, saveables: list):
             entry = bundle.entry(key)
             tf_adapter.check_fits(key, var, entry.dtype, entry.shape)
             plain[key] = var
-    requests = [(key, _staging_device(stager, var, bundle, key)) for key, var in plain.items()]
+    requests = [(key, stager.staging_device(tf_adapter.target_device(var, None), bundle.dtype(key)))
+                for key, var in plain.items()]
     requests += [(spec.name, CPU) for s in other for spec in s.specs]
     arrays = {}
     for key, value in core.load_iter(bundle, list(dict(requests).items()), stager):
@@ -329,7 +306,7 @@ class Checkpoint(tf.train.Checkpoint):
         state = self._gpusaver
         future = core.save_async(prefix, tensors, state.options, stager=state.stager,
                                  on_done=functools.partial(_commit, update_state=update_state, callbacks=callbacks),
-                                 to_array=_to_array, copy_on_write=True)
+                                 to_array=tf_adapter.as_array, copy_on_write=True)
         state.inflight = future
         return future
 
