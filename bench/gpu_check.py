@@ -115,7 +115,8 @@ def _gpusaver():
     return {"version": gpusaver.__version__, "file": gpusaver.__file__}
 
 
-def _disk(path):
+def mount_of(path) -> tuple[str, str]:
+    """(mount point, file system type) holding ``path``; ("", "") where /proc/mounts is unreadable."""
     best = ("", "")
     try:
         with open("/proc/mounts") as f:
@@ -126,8 +127,13 @@ def _disk(path):
                     best = (mnt, parts[2])
     except OSError:
         pass
+    return best
+
+
+def _disk(path):
+    mount, fstype = mount_of(path)
     st = os.statvfs(path)
-    return {"path": path, "mount": best[0], "fstype": best[1], "free_bytes": st.f_bavail * st.f_frsize,
+    return {"path": path, "mount": mount, "fstype": fstype, "free_bytes": st.f_bavail * st.f_frsize,
             "total_bytes": st.f_blocks * st.f_frsize}
 
 

@@ -65,14 +65,16 @@ import weakref
 from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "bench")):  # gpusaver, and gpu_check beside this script
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX must share the GPU with torch
 
 import numpy as np  # noqa: E402
 
 import gpusaver  # noqa: E402
 from gpusaver.bench import GiB, MiB, Workload, summary  # noqa: E402
+from gpu_check import mount_of  # noqa: E402
 
 # name: (kind, bytes, dtype, counted runs, share of the budget); --quick shrinks bytes and runs
 WORKLOADS = {
@@ -123,19 +125,6 @@ def _nvml():
         return pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
     except Exception:
         return None
-
-
-def _fstype(path):
-    best = ("", "")
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                p = line.split()
-                if (path == p[1] or path.startswith(p[1].rstrip("/") + "/")) and len(p[1]) >= len(best[0]):
-                    best = (p[1], p[2])
-    except OSError:
-        pass
-    return best
 
 
 # --- memory probe -------------------------------------------------------------------------------
@@ -982,7 +971,7 @@ def main(argv=None) -> int:
     scratch = os.path.abspath(args.scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
-    mount, fstype = _fstype(scratch)
+    mount, fstype = mount_of(scratch)
     record = {
         "device": "cuda:0" if args.device == "cuda" else "cpu", "device_name": None, "python": sys.version.split()[0],
         "scratch": {"path": scratch, "mount": mount, "fstype": fstype, "free_bytes": shutil.disk_usage(scratch).free},

@@ -29,6 +29,8 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
+from gpusaver.bench.gpu import raw_copy  # noqa: E402
+
 MiB, GiB = 1 << 20, 1 << 30
 
 
@@ -96,23 +98,13 @@ class Bench:
             d2d.append((dev.data.ptr + off, a.data.ptr, a.nbytes))
             off += a.nbytes
 
-        def run(pairs, kind):
-            def go(s):
-                for dst, src, n in pairs:
-                    rt.memcpyAsync(dst, src, n, kind, s.ptr)
-            return lambda: self.events(go)
-
-        def wall(fn):
-            def timed():
-                t0 = time.perf_counter()
-                fn()
-                return time.perf_counter() - t0
-            return timed
+        def run(pairs, kind, clock="seconds"):  # "seconds": CUDA events; "wall_s": enqueue and wait
+            return lambda: raw_copy(cp, pairs, kind, self.stream)[clock]
 
         out = {"raw_d2h": median_of(run(d2h, rt.memcpyDeviceToHost), self.runs),
                "raw_h2d": median_of(run(h2d, rt.memcpyHostToDevice), self.runs),
                "raw_d2d": median_of(run(d2d, rt.memcpyDeviceToDevice), self.runs),
-               "raw_d2h_wall": median_of(wall(run(d2h, rt.memcpyDeviceToHost)), self.runs)}
+               "raw_d2h_wall": median_of(run(d2h, rt.memcpyDeviceToHost, "wall_s"), self.runs)}
         del pinned, dev
         return out
 

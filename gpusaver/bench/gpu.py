@@ -39,7 +39,7 @@ def _fresh(directory: str):
     os.sync()
 
 
-def _raw_copy(cupy, pairs: list[tuple[int, int, int]], kind: int, stream) -> dict[str, float]:
+def raw_copy(cupy, pairs: list[tuple[int, int, int]], kind: int, stream) -> dict[str, float]:
     """Copy (dst pointer, src pointer, bytes) pairs in order on ``stream``; time with CUDA events.
 
     Events measure the copies as the GPU ran them; "wall_s" adds the host's enqueue and wait.
@@ -84,9 +84,9 @@ def _gpu_cases(cupy, arrays: dict, directory: str) -> tuple[list[Case], bool]:
     cases = [
         Case("gpusaver.save cuda", "save", lambda: timed(lambda: gpusaver.save(prefix, arrays)),
              lambda: _fresh(directory)),
-        Case("raw pinned D2H", "save", lambda: _raw_copy(cupy, d2h, runtime.memcpyDeviceToHost, stream)),
+        Case("raw pinned D2H", "save", lambda: raw_copy(cupy, d2h, runtime.memcpyDeviceToHost, stream)),
         Case("gpusaver.load cuda:0", "restore", lambda: timed(load), os.sync),
-        Case("raw pinned H2D", "restore", lambda: _raw_copy(cupy, h2d, runtime.memcpyHostToDevice, stream)),
+        Case("raw pinned H2D", "restore", lambda: raw_copy(cupy, h2d, runtime.memcpyHostToDevice, stream)),
     ]
     return cases, correct
 
