@@ -26,7 +26,7 @@ def __getattr__(name):
                 "gpusaver.Saver needs TensorFlow, which is not installed: pip install 'gpusaver[tf]' "
                 "(from a clone of the repository: pip install -e '.[tf]'). save/save_async/load work "
                 "without it.") from e
-        from gpusaver.saver import Saver
+        from gpusaver.tf.saver import Saver
         return Saver
     if name == "Checkpoint":
         from gpusaver.tf.checkpoint import Checkpoint

@@ -120,7 +120,7 @@ def test_variable_of_unknown_shape_restores_as_tf_does(tmp_path):
 # -- missing optional dependencies ----------------------------------------------------------------
 def test_missing_tensorflow_names_the_extra(monkeypatch):
     import gpusaver as pkg
-    for mod in ("gpusaver.saver", "gpusaver.tf_adapter"):
+    for mod in ("gpusaver.tf.saver", "gpusaver.tf.variables"):
         monkeypatch.delitem(sys.modules, mod, raising=False)
     monkeypatch.setitem(sys.modules, "tensorflow", None)
     with pytest.raises(ImportError, match=r"pip install -e '\.\[tf\]'"):

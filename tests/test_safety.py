@@ -201,13 +201,13 @@ def test_restore_failing_late_changes_no_variable(tmp_path):
 
 def test_restore_io_error_midway_changes_no_variable(tmp_path, monkeypatch):
     tf = pytest.importorskip("tensorflow")
-    from gpusaver import tf_adapter
+    from gpusaver.tf import variables as tfvars
     vs = [tf.Variable(np.full(10, i, np.float32), name=f"v{i}") for i in range(5)]
     saver = gpusaver.Saver(vs)
     prefix = saver.save(str(tmp_path / "m"))
     for v in vs:
         v.assign(tf.fill(v.shape, -1.0))
-    real_assign, calls = tf_adapter.assign, []
+    real_assign, calls = tfvars.assign, []
 
     def assign(var, value):
         calls.append(var)
@@ -215,7 +215,7 @@ def test_restore_io_error_midway_changes_no_variable(tmp_path, monkeypatch):
             raise OSError(errno.EIO, "injected I/O error")
         real_assign(var, value)
 
-    monkeypatch.setattr(tf_adapter, "assign", assign)
+    monkeypatch.setattr(tfvars, "assign", assign)
     with pytest.raises(OSError):
         saver.restore(prefix)
     for v in vs:

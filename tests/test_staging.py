@@ -170,7 +170,7 @@ def test_device_parsing():
 
 
 def test_restore_onto_own_and_mapped_logical_devices(tmp_path):
-    from gpusaver import tf_adapter
+    from gpusaver.tf import variables as tfvars
     cpus = tf.config.list_logical_devices("CPU")
     assert len(cpus) >= 3, "conftest configures three logical CPUs"
     with tf.device("/CPU:1"):
@@ -180,10 +180,10 @@ def test_restore_onto_own_and_mapped_logical_devices(tmp_path):
     saver = gpusaver.Saver([a, b])
     prefix = saver.save(str(tmp_path / "d"))
 
-    assert tf_adapter.target_device(a, None).index == 1
+    assert tfvars.target_device(a, None).index == 1
     mapping = {"/CPU:1": "/device:CPU:0"}
-    assert tf_adapter.target_device(a, mapping).index == 0
-    assert tf_adapter.target_device(b, mapping).index == 2
+    assert tfvars.target_device(a, mapping).index == 0
+    assert tfvars.target_device(b, mapping).index == 2
 
     a.assign(tf.zeros(4, tf.float64))
     b.assign(tf.zeros(3, tf.float64))
@@ -194,12 +194,12 @@ def test_restore_onto_own_and_mapped_logical_devices(tmp_path):
 
 
 def test_snapshot_of_many_variables_over_devices_keeps_order_and_placement():
-    from gpusaver import tf_adapter
+    from gpusaver.tf import variables as tfvars
     vs = []
     for i in range(700):  # several read groups per device, mixed dtypes within a group
         with tf.device(f"/CPU:{i % 2 + 1}"):
             vs.append(tf.Variable(i, dtype=tf.int64 if i % 3 else tf.float32))
-    values = tf_adapter.SnapshotReader(vs)()
+    values = tfvars.SnapshotReader(vs)()
     assert [int(v.numpy()) for v in values] == list(range(700))
     assert all(v.dtype == var.dtype and v.device == var.device for v, var in zip(values, vs))
 

@@ -16,7 +16,7 @@ from gpusaver.staging import devices
 from gpusaver.staging.devices import Device
 
 tf = pytest.importorskip("tensorflow")
-from gpusaver import tf_adapter  # noqa: E402  (imports TensorFlow)
+from gpusaver.tf import variables as tfvars  # noqa: E402  (imports TensorFlow)
 
 _set_destructor = ctypes.pythonapi.PyCapsule_SetDestructor
 _set_destructor.restype = ctypes.c_int
@@ -92,7 +92,7 @@ def test_tf_imports_a_cuda_capsule_onto_its_own_gpu_of_that_number():
 
 def test_sync_devices_is_available_and_runs_without_gpus():
     assert callable(tf.test.experimental.sync_devices)  # TF >= 2.14; the adapter feature-detects it
-    tf_adapter.sync_devices()
+    tfvars.sync_devices()
 
 
 # -- the adapter's exchange pieces -------------------------------------------------------------
@@ -122,17 +122,17 @@ def test_exported_capsule_object_shares_where_it_lives_only():
         exported.__dlpack__(copy=True)
     with pytest.raises(BufferError):
         exported.__dlpack__(dl_device=(1, 0))
-    assert tf_adapter.as_array(exported) is exported
+    assert tfvars.as_array(exported) is exported
 
 
 def test_export_gpu_leaves_host_tensors_alone():
     for t in [tf.constant([1.0, 2.0]), tf.constant(["a", "b"]), tf.constant(3, tf.int64)]:
-        assert tf_adapter.export_gpu(t) is t
+        assert tfvars.export_gpu(t) is t
 
 
 def test_cpu_only_saver_never_synchronises(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(tf_adapter, "sync_devices", lambda: calls.append(1))
+    monkeypatch.setattr(tfvars, "sync_devices", lambda: calls.append(1))
     v = tf.Variable(np.arange(3.0), name="cpu_only")
     saver = gpusaver.Saver([v])
     assert saver._on_gpu is False
@@ -176,24 +176,24 @@ def _virtual(*orders, memory=1024):
     (_gpus(0, 1), [_virtual(2, 0), _virtual(1, 0)], (0, 1, 1, 0)),       # sorted, ties in place
 ])
 def test_cuda_ordinals(physical, configs, expected):
-    assert tf_adapter.cuda_ordinals(physical, configs) == expected
+    assert tfvars.cuda_ordinals(physical, configs) == expected
 
 
 def test_cuda_ordinals_rejects_bad_input():
     with pytest.raises(ValueError, match="physical GPU"):
-        tf_adapter.cuda_ordinals(["/physical_device:CPU:0"], [None])
+        tfvars.cuda_ordinals(["/physical_device:CPU:0"], [None])
     with pytest.raises(ValueError):
-        tf_adapter.cuda_ordinals(_gpus(0, 1), [None])  # one configuration per GPU
+        tfvars.cuda_ordinals(_gpus(0, 1), [None])  # one configuration per GPU
 
 
 def test_tf_configuration_of_this_machine_maps_without_error():
-    assert tf_adapter.logical_cuda_ordinals() == ()  # CPU-only: no GPUs, nothing to map
-    assert tf_adapter.cuda_ordinal(0) is None
+    assert tfvars.logical_cuda_ordinals() == ()  # CPU-only: no GPUs, nothing to map
+    assert tfvars.cuda_ordinal(0) is None
     with tf.device("/CPU:1"):
         v = tf.Variable(np.arange(3.0), name="on_cpu1")
-    assert tf_adapter.target_device(v, None) == tf_adapter.device_of(v)  # CPUs are not remapped
+    assert tfvars.target_device(v, None) == tfvars.device_of(v)  # CPUs are not remapped
     with pytest.raises(ValueError, match="0 logical GPU"):
-        tf_adapter.target_device(v, {"/CPU:1": "/GPU:0"})
+        tfvars.target_device(v, {"/CPU:1": "/GPU:0"})
 
 
 def test_restore_to_a_gpu_tf_lacks_fails_before_any_assign(tmp_path):

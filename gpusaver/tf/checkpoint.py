@@ -36,7 +36,8 @@ from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.training.saving import saveable_object, saveable_object_util
 
-from gpusaver import core, tf_adapter
+from gpusaver import core
+from gpusaver.tf import variables as tfvars
 from gpusaver.errors import MissingKeysError, UnsupportedError
 from gpusaver.format.reader import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
@@ -61,7 +62,7 @@ def _plain_variable(obj, tensor_dict):
     if len(tensor_dict) != 1 or not next(iter(tensor_dict)).endswith(_VARIABLE_SUFFIX):
         return None
     try:
-        var = tf_adapter.name_variables({"v": obj})["v"]
+        var = tfvars.name_variables({"v": obj})["v"]
     except (TypeError, ValueError):
         return None
     return var if isinstance(var, resource_variable_ops.BaseResourceVariable) else None
@@ -107,7 +108,7 @@ def _read_values(values: dict, variables: dict) -> dict:
     out = {}
     if variables:
         try:
-            out.update(zip(variables, tf_adapter.SnapshotReader(list(variables.values()))()))
+            out.update(zip(variables, tfvars.SnapshotReader(list(variables.values()))()))
         except (tf.errors.OpError, ValueError):
             # An uninitialized variable fails the batched read; TF's own closures skip it.
             for key, var in variables.items():
@@ -196,15 +197,15 @@ def _restore(reader: _Reader, stager, saveables: list):
         else:
             key = s.specs[0].name
             entry = bundle.entry(key)
-            tf_adapter.check_fits(key, var, entry.dtype, entry.shape)
+            tfvars.check_fits(key, var, entry.dtype, entry.shape)
             plain[key] = var
-    requests = [(key, stager.staging_device(tf_adapter.target_device(var, None), bundle.dtype(key)))
+    requests = [(key, stager.staging_device(tfvars.target_device(var, None), bundle.dtype(key)))
                 for key, var in plain.items()]
     requests += [(spec.name, CPU) for s in other for spec in s.specs]
     arrays = {}
     for key, value in core.load_iter(bundle, list(dict(requests).items()), stager):
         if key in plain:
-            tf_adapter.assign(plain[key], value)
+            tfvars.assign(plain[key], value)
         else:
             arrays[key] = value
     for s in other:
@@ -298,15 +299,15 @@ class Checkpoint(tf.train.Checkpoint):
         proto, values, variables = _gather(self._saver)
         tensors = _read_values(values, variables)
         tensors[OBJECT_GRAPH_KEY] = np.asarray(proto.SerializeToString(), dtype=object)
-        if any(tf_adapter.device_of(v).is_cuda for v in variables.values()):
+        if any(tfvars.device_of(v).is_cuda for v in variables.values()):
             # As in gpusaver.Saver: wait for TF's device work once, then take the capsules here.
-            tf_adapter.sync_devices()
-            tensors = {k: v if isinstance(v, np.ndarray) else tf_adapter.export_gpu(v) for k, v in tensors.items()}
+            tfvars.sync_devices()
+            tensors = {k: v if isinstance(v, np.ndarray) else tfvars.export_gpu(v) for k, v in tensors.items()}
         callbacks = list(getattr(options, "experimental_write_callbacks", None) or [])
         state = self._gpusaver
         future = core.save_async(prefix, tensors, state.options, stager=state.stager,
                                  on_done=functools.partial(_commit, update_state=update_state, callbacks=callbacks),
-                                 to_array=tf_adapter.as_array, copy_on_write=True)
+                                 to_array=tfvars.as_array, copy_on_write=True)
         state.inflight = future
         return future
 

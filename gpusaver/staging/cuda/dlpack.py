@@ -4,7 +4,7 @@ In: :func:`import_array` turns any device array into a CuPy view. CuPy's ``from_
 producer a stream to order its work against (``__dlpack__(stream=...)``), which is what torch and
 JAX expect; TensorFlow 2.21's tensors refuse any stream (``RuntimeError``, where CuPy only falls
 back on ``TypeError``), so those are imported from their stream-less capsule — the adapter that
-hands them over has already waited for TF's device work (see ``tf_adapter``).
+hands them over has already waited for TF's device work (see ``gpusaver.tf.variables``).
 
 Out: :func:`legacy_capsule` gives an unversioned ``"dltensor"`` capsule. CuPy 14's ``toDlpack()``
 returns a ``"dltensor_versioned"`` one, which TF 2.21's ``from_dlpack`` refuses. Arrays handed out

@@ -15,7 +15,7 @@ from gpusaver.format.reader import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
 from gpusaver.log import log_done
 from gpusaver.options import Options
-from gpusaver import tf_adapter
+from gpusaver.tf import variables as tfvars
 from gpusaver.staging.devices import Device
 
 logger = logging.getLogger("gpusaver")
@@ -87,10 +87,10 @@ class Saver:
     """
 
     def __init__(self, var_list, *, max_to_keep: int | None = 5, options: Options | None = None):
-        tf_adapter.require_eager("__init__")
-        self._vars = tf_adapter.name_variables(var_list)
-        self._read_all = tf_adapter.SnapshotReader(list(self._vars.values()))
-        self._on_gpu = any(tf_adapter.device_of(v).is_cuda for v in self._vars.values())
+        tfvars.require_eager("__init__")
+        self._vars = tfvars.name_variables(var_list)
+        self._read_all = tfvars.SnapshotReader(list(self._vars.values()))
+        self._on_gpu = any(tfvars.device_of(v).is_cuda for v in self._vars.values())
         self._options = options or Options()
         self._stager = core.Stager(self._options)
         self._max_to_keep = max_to_keep
@@ -124,7 +124,7 @@ class Saver:
         CheckpointIOError naming the file (disk full, ...), after which the previous checkpoint
         under that prefix and the state file are as they were.
         """
-        tf_adapter.require_eager("save")
+        tfvars.require_eager("save")
         prefix = paths.for_write(file_prefix, "Saver.save")
         if global_step is not None:
             prefix = f"{prefix}-{_step(global_step)}"
@@ -136,10 +136,10 @@ class Saver:
                 # GPU buffers go to CuPy through TF's stream-less DLPack export, which is only
                 # ordered once TF's device work is done: wait for it once, here, then take the
                 # capsules on this thread while the devices are idle (see export_gpu).
-                tf_adapter.sync_devices()
-                tensors = {name: tf_adapter.export_gpu(t) for name, t in tensors.items()}
+                tfvars.sync_devices()
+                tensors = {name: tfvars.export_gpu(t) for name, t in tensors.items()}
             future = core.save_async(prefix, tensors, self._options, stager=self._stager,
-                                     on_done=self._commit, to_array=tf_adapter.as_array,
+                                     on_done=self._commit, to_array=tfvars.as_array,
                                      copy_on_write=True)
             future = _SaveFuture.following(future)
             self._inflight = future
@@ -205,7 +205,7 @@ class Saver:
         variable and both values) before any variable is changed; CorruptCheckpointError (a bad
         CRC, naming tensor and file) or CheckpointIOError, after which the variables are put back.
         """
-        tf_adapter.require_eager("restore")
+        tfvars.require_eager("restore")
         self.wait(raise_errors=False)
         started = time.perf_counter()
         prefix = paths.for_read(file_prefix, "Saver.restore")
@@ -215,13 +215,13 @@ class Saver:
                 raise MissingKeysError(missing, prefix)
             for name, var in self._vars.items():
                 entry = reader.entry(name)
-                tf_adapter.check_fits(name, var, entry.dtype, entry.shape)
+                tfvars.check_fits(name, var, entry.dtype, entry.shape)
             # Placement is per device, not per variable: thousands of variables share a few devices.
             by_device: dict[str, Device] = {}
             requests = []
             for name, var in self._vars.items():
                 if var.device not in by_device:
-                    by_device[var.device] = tf_adapter.target_device(var, device_map)
+                    by_device[var.device] = tfvars.target_device(var, device_map)
                 requests.append((name, self._stager.staging_device(by_device[var.device], reader.dtype(name))))
             # Values arrive in file order and are assigned as they come (overlapping reads); the
             # previous values are held (copy-on-write reads: no copy, a few batched op calls) and
@@ -234,10 +234,10 @@ class Saver:
                     if previous is None:
                         previous = dict(zip(self._vars, self._read_all()))
                     assigned.append(name)
-                    tf_adapter.assign(self._vars[name], value)
+                    tfvars.assign(self._vars[name], value)
             except BaseException:
                 for name in assigned:
-                    tf_adapter.assign_tensor(self._vars[name], previous[name])
+                    tfvars.assign_tensor(self._vars[name], previous[name])
                 raise
             log_done("restore", prefix, sum(reader.entry(n).size for n in self._vars),
                      time.perf_counter() - started)

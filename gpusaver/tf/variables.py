@@ -1,6 +1,6 @@
 """TensorFlow (and Keras 3) adapter: naming rules, variable ↔ array, device strings, assign.
 
-The only module besides ``saver.py`` that imports TensorFlow.
+The TensorFlow-facing half of ``gpusaver.tf``; ``saver.py`` and ``checkpoint.py`` build on it.
 
 GPU tensors cross to CuPy and back through DLPack capsules, with two TF 2.21 rules in mind:
 ``EagerTensor.__dlpack__`` refuses a stream (so TF's device work is waited for before its capsules
