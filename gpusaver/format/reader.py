@@ -9,7 +9,7 @@ import threading
 import numpy as np
 
 from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError, io_error
-from gpusaver.format import naming, strings
+from gpusaver.format import commit, naming, strings
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
@@ -38,6 +38,22 @@ class BundleReader:
     def __init__(self, prefix: str):
         self.prefix = os.fspath(prefix)
         self.index_path = naming.index_path(self.prefix)
+        self._fds: dict[int, tuple[int, int] | Exception] = {}
+        self._lock = threading.Lock()
+        # The index and every data file are opened together under the directory's shared lock, so
+        # a save replacing this checkpoint cannot slip new data under the old index (see commit.py).
+        for _ in range(3):
+            with commit.directory_lock(self.prefix, exclusive=False):
+                if not os.path.lexists(commit.journal_path(self.prefix)):
+                    self._read_index()
+                    self._open_data()
+                    return
+            with commit.directory_lock(self.prefix, exclusive=True):
+                commit.recover(self.prefix)  # its writer died mid-commit (it would hold the lock)
+        raise CorruptCheckpointError(f"{commit.journal_path(self.prefix)}: the checkpoint under "
+                                     f"{self.prefix!r} keeps being left mid-commit")
+
+    def _read_index(self):
         try:
             with open(self.index_path, "rb") as f:
                 data = f.read()
@@ -59,8 +75,27 @@ class BundleReader:
             raise CorruptCheckpointError(f"{self.index_path}: header claims {header.num_shards} shards")
         self.num_shards = header.num_shards
         self._entries: dict[bytes, Entry] = {}  # decoded and checked on first use
-        self._fds: dict[int, tuple[int, int]] = {}
-        self._lock = threading.Lock()
+
+    def _open_data(self):
+        """Open every data file now; a missing or unreadable one is reported when first read from
+        (listing a checkpoint needs only its index)."""
+        for shard in range(self.num_shards):
+            path = naming.data_path(self.prefix, shard, self.num_shards)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._fds[shard] = CheckpointNotFoundError(f"checkpoint data file {path!r} not found")
+                continue
+            except OSError as e:
+                self._fds[shard] = io_error(e, path, "opening checkpoint data")
+                continue
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                os.close(fd)
+                self._fds[shard] = CheckpointNotFoundError(f"checkpoint data file {path!r} is not a regular "
+                                                           "file (a directory?)")
+                continue
+            self._fds[shard] = (fd, info.st_size)
 
     # -- lookup ---------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -112,25 +147,18 @@ class BundleReader:
 
     # -- data -----------------------------------------------------------------------------------
     def _data_fd(self, shard: int) -> tuple[int, int]:
-        with self._lock:
-            if shard not in self._fds:
-                path = naming.data_path(self.prefix, shard, self.num_shards)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except FileNotFoundError:
-                    raise CheckpointNotFoundError(f"checkpoint data file {path!r} not found") from None
-                except OSError as e:
-                    raise io_error(e, path, "opening checkpoint data") from e
-                info = os.fstat(fd)
-                if not stat.S_ISREG(info.st_mode):
-                    os.close(fd)
-                    raise CheckpointNotFoundError(f"checkpoint data file {path!r} is not a regular file "
-                                                  "(a directory?)")
-                self._fds[shard] = (fd, info.st_size)
-            return self._fds[shard]
+        opened = self._fds.get(shard)
+        if opened is None:
+            raise CheckpointNotFoundError(f"checkpoint data file {self.data_file_of(shard)!r} was closed")
+        if isinstance(opened, Exception):
+            raise opened
+        return opened
+
+    def data_file_of(self, shard: int) -> str:
+        return naming.data_path(self.prefix, shard, self.num_shards)
 
     def data_file(self, entry: Entry) -> str:
-        return naming.data_path(self.prefix, entry.shard_id, self.num_shards)
+        return self.data_file_of(entry.shard_id)
 
     def _check_extent(self, name: str, entry: Entry) -> int:
         fd, size = self._data_fd(entry.shard_id)
@@ -318,8 +346,9 @@ class BundleReader:
 
     def close(self):
         with self._lock:
-            for fd, _ in self._fds.values():
-                os.close(fd)
+            for opened in self._fds.values():
+                if not isinstance(opened, Exception):
+                    os.close(opened[0])
             self._fds.clear()
 
     def __enter__(self):

@@ -3,8 +3,9 @@
 Each tensor is declared (name, dtype, shape), then its bytes appended in any number of chunks
 from any buffer; the CRC32C is extended per chunk, so no tensor is ever joined into one ``bytes``.
 Data files and the index are written under temporary names and renamed over the final ones at
-:meth:`BundleWriter.finish`, data first and the index last; files a save replaces are kept aside
-(hard links) until it has committed, so a failed save leaves the previous checkpoint as it was.
+:meth:`BundleWriter.finish`, data first and the index last, under the directory lock and commit
+journal of :mod:`gpusaver.format.commit`, so a failed or interrupted save leaves the previous
+checkpoint as it was.
 """
 import os
 import threading
@@ -12,7 +13,7 @@ import threading
 import numpy as np
 
 from gpusaver.errors import MismatchError, io_error
-from gpusaver.format import naming, strings
+from gpusaver.format import commit, naming, strings
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
@@ -182,15 +183,14 @@ class BundleWriter:
         """Close the data files, write the index, then rename them into place: data first, the
         index last (a checkpoint exists once its index does), then run ``on_commit``.
 
-        An old checkpoint under the same prefix is replaced file by file, never deleted first: its
-        index stays readable until the new one replaces it. Until the save has committed, the
-        files it replaces are kept aside (hard links, where the file system has them) and put
-        back on any failure, so a failed overwrite leaves the old checkpoint loadable. A crash
-        (power loss, SIGKILL) between the data and index renames can still leave the old index
-        beside new data; the reader's CRC check then refuses it rather than returning wrong values.
-        Raises CheckpointIOError naming the file on any OS error (disk full, a directory in the way).
+        An old checkpoint under the same prefix is replaced file by file, never deleted first. The
+        renames and ``on_commit`` happen under the directory lock and a commit journal
+        (:mod:`gpusaver.format.commit`): gpusaver's readers see the old checkpoint or the new one,
+        never a mix; on any failure the replaced files are put back and the new ones removed; after
+        a crash in that window the next gpusaver reader or writer of the prefix finishes or undoes
+        the commit. Raises CheckpointIOError naming the file on any OS error (disk full, a
+        directory in the way).
         """
-        placed = []  # (final path, existed before, backup or None), in the order replaced
         try:
             for s in self._shards:
                 s._close(self._fsync)
@@ -208,26 +208,34 @@ class BundleWriter:
                         os.fsync(f.fileno())
             except OSError as e:
                 raise io_error(e, index, "writing the checkpoint index") from e
-            for src, dst in [(s.temp_path, s.final_path) for s in self._shards] + [(self._index_temp, index)]:
-                existed, backup = _keep_aside(dst)
-                try:
-                    os.replace(src, dst)
-                except BaseException as e:
-                    _discard(backup)
-                    if isinstance(e, OSError):
-                        raise io_error(e, dst, "renaming the checkpoint file into place") from e
-                    raise
-                placed.append((dst, existed, backup))
-            if self._fsync:
-                _fsync_dir(os.path.dirname(index) or ".")
-            self.committed = self._on_commit(self.prefix) if self._on_commit else self.prefix
+            files = [(s.temp_path, s.final_path) for s in self._shards] + [(self._index_temp, index)]
+            with commit.directory_lock(self.prefix, exclusive=True):
+                commit.recover(self.prefix)  # a writer that died mid-commit before us
+                self.committed = self._replace(files)
         except BaseException:
-            _roll_back(placed)
             self.abort()
             raise
-        for _, _, backup in placed:
-            _discard(backup)
         return self.committed
+
+    def _replace(self, files: list[tuple[str, str]]):
+        journal = commit.Journal.begin(self.prefix, files, self._fsync)
+        try:
+            for src, dst in files:
+                try:
+                    os.replace(src, dst)
+                except OSError as e:
+                    raise io_error(e, dst, "renaming the checkpoint file into place") from e
+            if self._fsync:
+                _fsync_dir(os.path.dirname(self.prefix) or ".")
+            committed = self._on_commit(self.prefix) if self._on_commit else self.prefix
+        except BaseException:
+            try:
+                journal.roll_back()
+            except OSError:  # the journal stays: the next reader or writer of the prefix repairs it
+                pass
+            raise
+        journal.finish()
+        return committed
 
     def abort(self):
         """Remove the temporary files; nothing under the final names is touched."""
@@ -253,31 +261,6 @@ def _discard(path: str | None):
     if path is not None:
         try:
             os.remove(path)
-        except OSError:
-            pass
-
-
-def _keep_aside(path: str) -> tuple[bool, str | None]:
-    """(whether ``path`` exists, a hard link to it that survives its replacement, or None where
-    none could be made)."""
-    if not os.path.lexists(path):
-        return False, None
-    backup = naming.temp_path(path)
-    try:
-        os.link(path, backup)
-    except OSError:  # no hard links here (or a directory in the way): no rollback for this file
-        return True, None
-    return True, backup
-
-
-def _roll_back(placed):
-    """Undo the renames of a failed commit, newest first: the index goes back before the data."""
-    for path, existed, backup in reversed(placed):
-        try:
-            if backup is not None:
-                os.rename(backup, path)  # rename, like replace, overwrites atomically (POSIX)
-            elif not existed:
-                os.remove(path)
         except OSError:
             pass
 
