@@ -153,6 +153,16 @@ def test_a_reader_opened_before_an_overwrite_keeps_reading_the_old_checkpoint(tm
     np.testing.assert_array_equal(gpusaver.load(prefix)["a"], np.zeros(10, np.float32))
 
 
+def test_on_commit_may_read_the_checkpoint_it_commits(tmp_path):
+    """The commit holds the directory lock while ``on_done`` runs; a read from that thread must not
+    wait for it (it would wait forever)."""
+    from gpusaver.format.reader import BundleReader
+    prefix = str(tmp_path / "m")
+    gpusaver.save(prefix, {"a": np.arange(3.0)})
+    future = gpusaver.save_async(prefix, {"a": np.arange(4.0)}, on_done=lambda p: BundleReader(p).read("a"))
+    np.testing.assert_array_equal(future.result(timeout=60), np.arange(4.0))
+
+
 # -- 2. disk full while writing the index or the state file --------------------------------------
 class _FullFile(io.FileIO):
     def write(self, b):

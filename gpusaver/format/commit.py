@@ -23,6 +23,7 @@ only the in-process rollback of :mod:`gpusaver.format.writer`.
 import contextlib
 import json
 import os
+import threading
 
 try:
     import fcntl
@@ -39,24 +40,33 @@ def journal_path(prefix: str) -> str:
     return f"{prefix}{_SUFFIX}"
 
 
+_held = threading.local()  # directories this thread holds exclusively (a commit's on_commit may read)
+
+
 @contextlib.contextmanager
 def directory_lock(prefix: str, exclusive: bool):
     """Hold a ``flock`` on ``prefix``'s directory (shared for readers, exclusive for a commit).
 
-    Best effort: where the directory cannot be opened or locked, nothing is held."""
+    Best effort: where the directory cannot be opened or locked, nothing is held. A thread that
+    holds the exclusive lock (inside a commit) gets a shared one for free instead of deadlocking."""
+    directory = os.path.realpath(os.path.dirname(os.fspath(prefix)) or ".")
+    held = _held.__dict__.setdefault("dirs", set())
     fd = None
-    if fcntl is not None:
+    if fcntl is not None and directory not in held:
         try:
-            fd = os.open(os.path.dirname(os.fspath(prefix)) or ".", os.O_RDONLY)
+            fd = os.open(directory, os.O_RDONLY)
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         except OSError:
             if fd is not None:
                 os.close(fd)
             fd = None
+    if fd is not None and exclusive:
+        held.add(directory)
     try:
         yield
     finally:
         if fd is not None:
+            held.discard(directory)
             os.close(fd)  # closing the last descriptor releases the lock
 
 
