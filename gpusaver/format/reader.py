@@ -73,6 +73,7 @@ class BundleReader:
             raise UnsupportedError(f"{self.index_path}: big-endian checkpoints are not supported")
         if not 1 <= header.num_shards <= MAX_SHARDS:
             raise CorruptCheckpointError(f"{self.index_path}: header claims {header.num_shards} shards")
+        self.header = header
         self.num_shards = header.num_shards
         self._entries: dict[bytes, Entry] = {}  # decoded and checked on first use
 
