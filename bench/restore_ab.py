@@ -39,7 +39,7 @@ def main(argv=None) -> int:
             prefix = saver.save(os.path.join(scratch, kind))
             hold = saver._read_all  # the previous-value read that makes restore all-or-nothing
 
-            def restore(with_hold: bool) -> float:
+            def restore(with_hold: bool, saver=saver) -> float:
                 saver._read_all = hold if with_hold else (lambda: [])
                 started = time.perf_counter()
                 saver.restore(prefix)

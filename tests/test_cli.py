@@ -293,8 +293,30 @@ def test_demo_uses_a_temporary_directory_and_no_tensorflow_noise(tmp_path):
     proc = _cli("demo", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "OK: restored 4 variables match" in proc.stdout
+    assert ("OK: model and optimizer (14 variables) restored by gpusaver.Checkpoint and by tf.train.Checkpoint "
+            "(assert_consumed) match") in proc.stdout
     assert proc.stderr == ""
     assert list(tmp_path.iterdir()) == []  # nothing left in the working directory
+
+
+def test_demo_dir_keeps_both_checkpoints_tf_reads_as_objects(tmp_path, capsys):
+    tf = pytest.importorskip("tensorflow")
+    assert main(["demo", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    ckpts = str(tmp_path / "ckpts")
+    assert f"through gpusaver.CheckpointManager to {ckpts}/ckpt-1" in out
+    # the name-based checkpoint beside the object-based one, each named by its state file
+    assert tf.train.latest_checkpoint(str(tmp_path)) == str(tmp_path / "model-1")
+    assert tf.train.latest_checkpoint(ckpts) == os.path.join(ckpts, "ckpt-1")
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+    reader = tf.train.load_checkpoint(os.path.join(ckpts, "ckpt-1"))
+    graph = trackable_object_graph_pb2.TrackableObjectGraph()
+    graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    assert {c.local_name for c in graph.nodes[0].children} == {"model", "optimizer", "save_counter"}
+    # each variable once (TF keys a variable by the first path to it): 4 weights, Adam's step,
+    # learning rate and 2 x 4 slots, and the save counter
+    keys = set(reader.get_variable_to_shape_map()) - {"_CHECKPOINTABLE_OBJECT_GRAPH"}
+    assert len(keys) == 15 and "save_counter/.ATTRIBUTES/VARIABLE_VALUE" in keys
 
 
 # --- project files ------------------------------------------------------------------------------

@@ -11,9 +11,8 @@ import pytest
 
 import gpusaver
 from gpusaver.errors import CorruptCheckpointError, GpusaverError
-from gpusaver.format import writer as writer_mod
 from gpusaver.format import naming
-from gpusaver.format import state as state_mod
+from gpusaver.storage import local as local_storage  # where the files are opened (issue 13)
 from gpusaver.format.dtypes import DataType
 from gpusaver.format.proto import Entry, Extent, Header
 from gpusaver.format.table import TableBuilder
@@ -186,7 +185,7 @@ def test_disk_full_writing_the_index_removes_what_the_save_created(tmp_path, mon
     saver = gpusaver.Saver([v])
     first = saver.save(str(tmp_path / "m"), global_step=1)
     before = _files(tmp_path)
-    _disk_full_for(writer_mod, monkeypatch, ".index")
+    _disk_full_for(local_storage, monkeypatch, ".index")
     with pytest.raises(OSError) as info:
         saver.save(str(tmp_path / "m"), global_step=2)
     assert isinstance(info.value, GpusaverError) and info.value.errno == errno.ENOSPC
@@ -202,7 +201,7 @@ def test_disk_full_writing_the_state_file_keeps_the_overwritten_checkpoint(tmp_p
     prefix = saver.save(str(tmp_path / "m"))
     before = _files(tmp_path)
     v.assign(np.zeros(4, np.float32))
-    _disk_full_for(state_mod, monkeypatch, "checkpoint")
+    _disk_full_for(local_storage, monkeypatch, "checkpoint")
     with pytest.raises(OSError) as info:
         saver.save(str(tmp_path / "m"))
     assert isinstance(info.value, GpusaverError) and info.value.errno == errno.ENOSPC
@@ -228,7 +227,7 @@ def test_disk_full_writing_a_data_file_names_file_and_tensor(tmp_path, monkeypat
             return getattr(self._f, attr)
 
     real_open = open
-    monkeypatch.setattr(writer_mod, "open",
+    monkeypatch.setattr(local_storage, "open",
                         lambda p, m="r", *a, **k: Full(p) if ".data-" in p else real_open(p, m, *a, **k),
                         raising=False)
     with pytest.raises(OSError) as info:

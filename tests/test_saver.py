@@ -171,3 +171,92 @@ def test_save_failing_midway_keeps_the_checkpoint_it_would_replace(tmp_path):
         gpusaver.save(prefix, bad)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     np.testing.assert_array_equal(gpusaver.load(prefix)["a"], old["a"])
+
+
+def test_retention_zero_keeps_all_as_tf_saver(tmp_path):
+    # TF's Saver: max_to_keep None or 0 keeps every checkpoint (gpusaver used to keep only the newest for 0).
+    for keep in [0, None]:
+        directory = tmp_path / str(keep)
+        saver = gpusaver.Saver(_vars(), max_to_keep=keep)
+        theirs = tf.compat.v1.train.Saver(_vars(), max_to_keep=keep)
+        for step in range(4):
+            saver.save(str(directory / "m"), global_step=step)
+            theirs.save(None, str(tmp_path / f"tf{keep}" / "m"), global_step=step)
+        assert [p.name for p in sorted(directory.glob("*.index"))] == [f"m-{i}.index" for i in range(4)]
+        assert len(list((tmp_path / f"tf{keep}").glob("*.index"))) == 4
+    with pytest.raises(gpusaver.InvalidArgumentError, match="max_to_keep"):
+        gpusaver.Saver(_vars(), max_to_keep=-1)
+
+
+def test_restarted_saver_deletes_its_older_checkpoints_only(tmp_path):
+    first = gpusaver.Saver(_vars(), max_to_keep=None)
+    for step in range(4):
+        first.save(str(tmp_path / "m"), global_step=step)
+    gpusaver.Saver(_vars()).save(str(tmp_path / "other"), global_step=1)  # another name: a state file of its own list
+    first.save(str(tmp_path / "m"), global_step=4)  # the state file lists m-0..m-4 again
+    second = gpusaver.Saver(_vars(), max_to_keep=2)  # a new process, same prefix
+    second.save(str(tmp_path / "m"), global_step=5)
+    assert sorted(p.name for p in tmp_path.glob("*.index")) == ["m-4.index", "m-5.index", "other-1.index"]
+    state = tf.train.get_checkpoint_state(str(tmp_path))
+    assert list(state.all_model_checkpoint_paths) == [str(tmp_path / "m-4"), str(tmp_path / "m-5")]
+
+
+def test_restore_status_lists_unmatched_checkpoint_tensors(tmp_path):
+    vs = _vars()
+    prefix = gpusaver.Saver(vs).save(str(tmp_path / "all"))
+    status = gpusaver.Saver(vs).restore(prefix)
+    assert status.assert_consumed() is status and status.unused_keys == []
+    assert sorted(status.restored) == ["scope/w", "step_count", "vocab"] and status.path == prefix
+
+    only = tf.Variable(np.zeros((2, 3), np.float32), name="scope/w")
+    status = gpusaver.Saver([only]).restore(prefix)
+    np.testing.assert_array_equal(only.numpy(), vs[0].numpy())  # still restored: the checkpoint may hold more
+    assert status.unused_keys == ["step_count", "vocab"]
+    assert status.expect_partial() is status and status.assert_existing_objects_matched() is status
+    with pytest.raises(AssertionError, match=r"2 tensor\(s\).*'step_count', 'vocab'.*var_list") as e:
+        status.assert_consumed()
+    assert isinstance(e.value, gpusaver.NotConsumedError) and e.value.unused == ["step_count", "vocab"]
+
+    # Object-based checkpoints: the object graph is metadata, not a value nobody took.
+    v = tf.Variable(1.0)
+    path = gpusaver.Checkpoint(v=v).write(str(tmp_path / "obj"))
+    status = gpusaver.Saver({"v/.ATTRIBUTES/VARIABLE_VALUE": v}).restore(path)
+    status.assert_consumed()
+
+
+def test_missing_keys_name_the_closest_and_the_fix_for_keras_models(tmp_path):
+    keras = pytest.importorskip("keras")
+
+    def model():
+        m = keras.Sequential([keras.layers.Dense(3), keras.layers.Dense(1)])
+        m.build((None, 4))
+        return m
+
+    m1, m2 = model(), model()  # one process: the second model's variables are auto-numbered apart
+    prefix = gpusaver.Saver(m1.weights).save(str(tmp_path / "k"))
+    saver2 = gpusaver.Saver(m2.weights)
+    before = [w.numpy() for w in m2.weights]
+    with pytest.raises(MissingKeysError) as e:
+        saver2.restore(prefix)
+    message = str(e.value)
+    first_name, second_name = m1.weights[0].path, m2.weights[0].path
+    assert first_name.split("/")[0] != second_name.split("/")[0]  # e.g. sequential vs sequential_1
+    assert f"4 key(s) not found in checkpoint {prefix!r}" in message
+    assert f"{second_name!r}: {first_name!r}" in message  # the closest name, first
+    assert "dict" in message and "gpusaver.Checkpoint(model=model)" in message and "auto-numbering" in message
+    assert e.value.missing == sorted(w.path for w in m2.weights)
+    for w, b in zip(m2.weights, before):  # all or nothing
+        np.testing.assert_array_equal(w.numpy(), b)
+
+    # The fix the message gives: a dict var_list from the checkpoint's names to the variables.
+    mapping = {e.value.closest[name][0]: var for name, var in saver2.variables.items()}
+    gpusaver.Saver(mapping).restore(prefix).assert_consumed()
+    for a, b in zip(m1.weights, m2.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_missing_keys_in_object_based_checkpoint_point_to_checkpoint(tmp_path):
+    path = gpusaver.Checkpoint(w=tf.Variable(1.0)).write(str(tmp_path / "obj"))
+    with pytest.raises(MissingKeysError, match=r"(?s)'w'.*'w/.ATTRIBUTES/VARIABLE_VALUE'.*object-based.*"
+                                               r"gpusaver.Checkpoint"):
+        gpusaver.Saver([tf.Variable(1.0, name="w")]).restore(path)

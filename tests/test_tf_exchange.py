@@ -18,6 +18,18 @@ from gpusaver.staging.devices import Device
 tf = pytest.importorskip("tensorflow")
 from gpusaver.tf import variables as tfvars  # noqa: E402  (imports TensorFlow)
 
+# tf.Tensor.__dlpack__ / __dlpack_device__ came after TF 2.16 (there: tf.experimental.dlpack.to_dlpack);
+# numpy's max_version (versioned capsules) with numpy 2.1, and TF 2.16 needs numpy < 2.
+_TF_TENSOR_DLPACK = hasattr(tf.constant(0.0), "__dlpack__")
+needs_tensor_dlpack = pytest.mark.skipif(not _TF_TENSOR_DLPACK, reason="this TF's tf.Tensor has no __dlpack__")
+needs_versioned_numpy = pytest.mark.skipif(np.lib.NumpyVersion(np.__version__) < "2.1.0",
+                                           reason="numpy < 2.1 exports no versioned DLPack capsules")
+
+
+def _capsule(t):
+    return t.__dlpack__() if _TF_TENSOR_DLPACK else tf.experimental.dlpack.to_dlpack(t)
+
+
 _set_destructor = ctypes.pythonapi.PyCapsule_SetDestructor
 _set_destructor.restype = ctypes.c_int
 _set_destructor.argtypes = [ctypes.py_object, ctypes.c_void_p]
@@ -25,6 +37,7 @@ _set_destructor.argtypes = [ctypes.py_object, ctypes.c_void_p]
 
 # -- TensorFlow's DLPack behaviour -------------------------------------------------------------
 
+@needs_tensor_dlpack
 @pytest.mark.parametrize("stream", [0, 1, 2, -1, 0x7F00DEAD])
 def test_tf_tensor_refuses_a_stream_with_runtime_error(stream):
     # cupy.from_dlpack always passes a stream and falls back only on TypeError: TF's RuntimeError
@@ -35,6 +48,7 @@ def test_tf_tensor_refuses_a_stream_with_runtime_error(stream):
     assert not isinstance(info.value, TypeError)
 
 
+@needs_tensor_dlpack
 @pytest.mark.parametrize("kwargs", [{}, {"stream": None}, {"max_version": (1, 0)}])
 def test_tf_tensor_exports_a_legacy_capsule_without_a_stream(kwargs):
     t = tf.constant([1.0, 2.0, 3.0])
@@ -43,6 +57,7 @@ def test_tf_tensor_exports_a_legacy_capsule_without_a_stream(kwargs):
     np.testing.assert_array_equal(np.from_dlpack(dlpack.CapsuleProducer(capsule, (1, 0))), [1.0, 2.0, 3.0])
 
 
+@needs_versioned_numpy
 def test_tf_import_takes_legacy_capsules_and_refuses_versioned_ones():
     a = np.arange(6.0).reshape(2, 3)
     legacy, versioned = a.__dlpack__(), a.__dlpack__(max_version=(1, 0))
@@ -68,8 +83,9 @@ def test_tf_numbers_exported_capsules_by_its_logical_device():
     with tf.device("/CPU:2"):
         t = tf.constant([1.0, 2.0]) + 1.0
     assert "CPU:2" in t.device
-    assert tuple(t.__dlpack_device__()) == (1, 2)
-    capsule = t.__dlpack__()
+    if _TF_TENSOR_DLPACK:
+        assert tuple(t.__dlpack_device__()) == (1, 2)
+    capsule = _capsule(t)
     assert tuple(dlpack.device_field(capsule)) == (1, 2)
 
 
@@ -99,7 +115,7 @@ def test_sync_devices_is_available_and_runs_without_gpus():
 
 def test_capsule_renumbering_edits_only_the_device_id():
     t = tf.constant(np.arange(12, dtype=np.float32).reshape(3, 4))
-    capsule = t.__dlpack__()
+    capsule = _capsule(t)
     device = dlpack.device_field(capsule)
     assert tuple(device) == (1, 0)
     device[1] = 5
@@ -112,7 +128,7 @@ def test_capsule_renumbering_edits_only_the_device_id():
 
 
 def test_exported_capsule_object_shares_where_it_lives_only():
-    capsule = tf.constant([1.0]).__dlpack__()
+    capsule = _capsule(tf.constant([1.0]))
     exported = dlpack.CapsuleProducer(capsule, (2, 3))
     assert exported.__dlpack_device__() == (2, 3)
     assert devices.of_array(exported) == Device("cuda", 3)

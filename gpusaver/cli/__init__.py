@@ -1,6 +1,6 @@
 """The ``gpusaver`` command (also ``python -m gpusaver``).
 
-Inspect and check checkpoints (``ls``/``inspect``, ``verify``, ``diff``, ``latest``), and run the
+Inspect and check checkpoints (``ls``/``inspect``, ``verify``, ``diff``, ``latest``), ``merge`` them, and run the
 ``demo`` and the ``bench``. TensorFlow is imported only by the commands that need it (``demo``,
 ``bench``, and ``ls`` of an object-based checkpoint, for the names in its object graph), with its
 start-up noise kept off the screen.
@@ -34,6 +34,12 @@ def _diff(args):
 def _latest(args):
     from gpusaver.cli import check
     return check.run_latest(args)
+
+
+def _merge(args):
+    from gpusaver.format.merge import merge
+    print(merge(args.inputs, args.destination, delete_old=not args.keep_inputs))
+    return 0
 
 
 def _bench(args):
@@ -83,6 +89,15 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("latest", help="print the latest checkpoint prefix in DIR (exit 1 if none)")
     s.add_argument("dir")
     s.set_defaults(func=_latest)
+
+    s = sub.add_parser("merge", help="merge checkpoints (e.g. one per worker) into one, as TF's MergeV2Checkpoints",
+                       description="Renames the inputs' data files into DESTINATION's numbering and writes one "
+                                   "index over them (last, so DESTINATION exists only once complete); the "
+                                   "inputs' index files are removed unless --keep-inputs.")
+    s.add_argument("destination", help="the merged checkpoint's prefix")
+    s.add_argument("inputs", nargs="+", help="the checkpoint prefixes to merge, in order")
+    s.add_argument("--keep-inputs", action="store_true", help="leave the inputs' index files in place")
+    s.set_defaults(func=_merge)
 
     d = sub.add_parser("demo", help="save, restore and verify a small Keras model")
     d.add_argument("dir", nargs="?", default=None, help="where to write (default: a temporary directory, removed)")

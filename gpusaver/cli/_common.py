@@ -7,6 +7,7 @@ import tempfile
 
 from gpusaver.format.paths import for_read
 from gpusaver.format.state import STATE_FILENAME
+from gpusaver.storage import for_url
 
 
 class CommandError(Exception):
@@ -20,9 +21,10 @@ class CommandError(Exception):
 def resolve_prefix(path: str) -> str:
     """The checkpoint prefix that ``path`` names: a prefix, one of its files (``.index``,
     ``.data-*``), a directory (its latest checkpoint, by the ``checkpoint`` state file) or that
-    state file. Raises CheckpointNotFoundError listing the checkpoints that do exist nearby."""
+    state file; any of them may be a URL (``s3://bucket/dir``, configured as s3fs is: the AWS_*
+    environment, ~/.aws). Raises CheckpointNotFoundError listing the checkpoints that do exist nearby."""
     path = os.fspath(path)
-    if os.path.basename(path) == STATE_FILENAME and os.path.isfile(path):
+    if os.path.basename(path) == STATE_FILENAME and for_url(path).isfile(path):
         path = os.path.dirname(path) or "."
     return for_read(path, what="cannot read")
 

@@ -1,23 +1,23 @@
 """Checked bundle reader: looks entries up in a checkpoint's ``.index``, checks every size and offset
 against the files before reading or allocating, verifies each tensor's CRC32C, and assembles
-partitioned (sliced) variables.
+partitioned (sliced) variables. Bytes come from the storage layer (:mod:`gpusaver.storage`): local
+files through ``preadv``, object stores through concurrent ranged reads.
 """
 import os
-import stat
 import threading
 
 import numpy as np
 
-from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError, io_error
+from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError
 from gpusaver.format import commit, naming, strings
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
 from gpusaver.format.table import TableFormatError, read_table
 from gpusaver.format.wire import crc32c, mask
+from gpusaver.storage import LocalStorage, ReadHandle, Storage, for_url
 
-_IOV_MAX = 1024  # buffers per preadv (Linux's limit)
-_READ_PIECE = 1 << 20  # reads go in pieces this size (cache-sized: each is checksummed while hot)
+_READ_PIECE = 1 << 20  # local reads go in pieces this size (cache-sized: each is checksummed while hot)
 
 
 def _new_buffer(entry: Entry, allocate=None) -> np.ndarray:
@@ -33,13 +33,21 @@ def _label(name: str, extents) -> str:
 
 class BundleReader:
     """Reads a checkpoint written by TF or gpusaver. Raises CheckpointNotFoundError if the index is
-    missing and CorruptCheckpointError if it is not a valid bundle index."""
+    missing and CorruptCheckpointError if it is not a valid bundle index.
 
-    def __init__(self, prefix: str):
+    ``storage``: where the files are (:mod:`gpusaver.storage`); default ``for_url(prefix)``."""
+
+    def __init__(self, prefix: str, storage: Storage | None = None):
         self.prefix = os.fspath(prefix)
         self.index_path = naming.index_path(self.prefix)
-        self._fds: dict[int, tuple[int, int] | Exception] = {}
+        self.storage = storage if storage is not None else for_url(self.prefix)
+        self._fds: dict[int, ReadHandle | Exception] = {}
         self._lock = threading.Lock()
+        if not isinstance(self.storage, LocalStorage):
+            # Object stores have no rename window to guard: an index appears only after its data.
+            self._read_index()
+            self._open_data()
+            return
         # The index and every data file are opened together under the directory's shared lock, so
         # a save replacing this checkpoint cannot slip new data under the old index (see commit.py).
         for _ in range(3):
@@ -55,13 +63,10 @@ class BundleReader:
 
     def _read_index(self):
         try:
-            with open(self.index_path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+            data = self.storage.read_bytes(self.index_path, "reading the checkpoint index")
+        except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
                 f"checkpoint index {self.index_path!r} not found (prefix {self.prefix!r})") from None
-        except OSError as e:  # a directory of that name, no permission, an I/O error
-            raise io_error(e, self.index_path, "reading the checkpoint index") from e
         try:
             self._raw = read_table(data)
             header = Header.decode(self._raw[b""])
@@ -83,25 +88,24 @@ class BundleReader:
         for shard in range(self.num_shards):
             path = naming.data_path(self.prefix, shard, self.num_shards)
             try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                self._fds[shard] = CheckpointNotFoundError(f"checkpoint data file {path!r} not found")
-                continue
-            except OSError as e:
-                self._fds[shard] = io_error(e, path, "opening checkpoint data")
-                continue
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                os.close(fd)
-                self._fds[shard] = CheckpointNotFoundError(f"checkpoint data file {path!r} is not a regular "
-                                                           "file (a directory?)")
-                continue
-            self._fds[shard] = (fd, info.st_size)
+                self._fds[shard] = self.storage.open_read(path)
+            except CheckpointNotFoundError as e:  # "'<path>' not found", "... is not a regular file"
+                self._fds[shard] = CheckpointNotFoundError(f"checkpoint data file {e}")
+            except OSError as e:  # CheckpointIOError naming the file
+                self._fds[shard] = e
 
     # -- lookup ---------------------------------------------------------------------------------
     def keys(self) -> list[str]:
         """Tensor names, sorted as in the index (slice keys of partitioned variables excluded)."""
         return [k.decode("utf-8", "replace") for k in self._raw if k and not k.startswith(b"\0")]
+
+    def raw_keys(self) -> list[bytes]:
+        """Every entry's key in index order, the slice keys of partitioned tensors included."""
+        return [k for k in self._raw if k]
+
+    def entry_at(self, key: bytes) -> Entry:
+        """The checked entry under a raw index key (see :meth:`raw_keys`)."""
+        return self._entry(key, key.decode("utf-8", "replace"))
 
     def __contains__(self, name: str) -> bool:
         return name.encode("utf-8") in self._raw
@@ -147,7 +151,7 @@ class BundleReader:
         return enum_to_dtype(self.entry(name).dtype)
 
     # -- data -----------------------------------------------------------------------------------
-    def _data_fd(self, shard: int) -> tuple[int, int]:
+    def _data_fd(self, shard: int) -> ReadHandle:
         opened = self._fds.get(shard)
         if opened is None:
             raise CheckpointNotFoundError(f"checkpoint data file {self.data_file_of(shard)!r} was closed")
@@ -161,37 +165,25 @@ class BundleReader:
     def data_file(self, entry: Entry) -> str:
         return self.data_file_of(entry.shard_id)
 
-    def _check_extent(self, name: str, entry: Entry) -> int:
-        fd, size = self._data_fd(entry.shard_id)
+    def _check_extent(self, name: str, entry: Entry) -> ReadHandle:
+        handle = self._data_fd(entry.shard_id)
+        size = handle.size
         if entry.offset + entry.size > size:
             raise CorruptCheckpointError(
                 f"{self.data_file(entry)}: tensor {name!r} needs bytes [{entry.offset}, "
                 f"{entry.offset + entry.size}) but the file has {size} (truncated?)")
-        return fd
+        return handle
 
     def pread_into(self, entry: Entry, name: str, view: memoryview, offset: int):
-        """Fill ``view`` from the tensor's bytes starting ``offset`` bytes into it (GIL released)."""
-        self._preadv(self._check_extent(name, entry), entry.offset + offset, [view], entry, name)
+        """Fill ``view`` from the tensor's bytes starting ``offset`` bytes into it (GIL released
+        for local files)."""
+        self._check_extent(name, entry).readinto(entry.offset + offset, [view], name)
 
-    def _preadv(self, fd: int, position: int, views: list[memoryview], entry: Entry, name: str):
-        """Fill ``views`` (flat byte memoryviews) in turn from the file bytes at ``position``: one
-        scatter read if the kernel allows; short reads continue where they stopped."""
-        views = [v for v in views if len(v)]
-        while views:
-            try:
-                got = os.preadv(fd, views[:_IOV_MAX], position)
-            except OSError as e:
-                raise io_error(e, self.data_file(entry), "reading checkpoint data", name) from e
-            if got <= 0:
-                raise CorruptCheckpointError(f"{self.data_file(entry)}: unexpected end of file in {name!r}")
-            position += got
-            done = 0
-            while done < len(views) and got >= len(views[done]):
-                got -= len(views[done])
-                done += 1
-            views = views[done:]
-            if got:
-                views[0] = views[0][got:]
+    def _read_piece(self, shard: int) -> int:
+        """Bytes per read of this shard's storage: cache-sized locally, larger for object stores
+        (each request costs a round trip; the pieces of one read are fetched concurrently)."""
+        opened = self._fds.get(shard)
+        return max(_READ_PIECE, opened.read_size) if isinstance(opened, ReadHandle) else _READ_PIECE
 
     def crc_error(self, name: str, entry: Entry, found: int) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -222,9 +214,9 @@ class BundleReader:
         if len(view) != entry.size:
             raise MismatchError(f"tensor {name!r}: buffer holds {len(view)} bytes, checkpoint has {entry.size}")
         # Checksummed piece by piece, while each piece is still in the CPU cache.
-        crc = 0
-        for start in range(0, entry.size, _READ_PIECE):
-            piece = view[start:start + _READ_PIECE]
+        crc, step = 0, self._read_piece(entry.shard_id)
+        for start in range(0, entry.size, step):
+            piece = view[start:start + step]
             self.pread_into(entry, name, piece, start)
             crc = crc32c(piece, crc)
         self.check_crc(name, entry, crc)
@@ -241,27 +233,27 @@ class BundleReader:
 
     def read_many(self, names: list[str], allocate=None) -> list[np.ndarray]:
         """``[read(name, allocate) for name in names]``, but each run of plain tensors that lie
-        back to back in one data file (up to ``_READ_PIECE`` bytes) is read with one scatter read
-        into their buffers: models have thousands of small tensors, and a read each was most of
-        their cost.
+        back to back in one data file (up to a read piece: 1 MiB locally, more on object stores)
+        is read with one scatter read into their buffers: models have thousands of small tensors,
+        and a read each was most of their cost.
         """
         entries = [self.entry(n) for n in names]
         out = []
         i = 0
         while i < len(names):
             first = entries[i]
-            j, end = i, first.offset
+            j, end, piece = i, first.offset, self._read_piece(first.shard_id)
             while (j < len(names) and self._plain(entries[j]) and entries[j].shard_id == first.shard_id
-                   and entries[j].offset == end and end + entries[j].size - first.offset <= _READ_PIECE):
+                   and entries[j].offset == end and end + entries[j].size - first.offset <= piece):
                 end += entries[j].size
                 j += 1
             if j - i < 2:  # a lone or large tensor, strings or slices: the ordinary read
                 out.append(self._read(names[i], first, allocate))
                 i += 1
                 continue
-            fd = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
+            handle = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
             buffers = [_new_buffer(e, allocate) for e in entries[i:j]]
-            self._preadv(fd, first.offset, [memoryview(b) for b in buffers], first, names[i])
+            handle.readinto(first.offset, [memoryview(b) for b in buffers], names[i])
             for name, entry, buf in zip(names[i:j], entries[i:j], buffers):
                 self.check_crc(name, entry, crc32c(buf))
                 out.append(buf.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
@@ -348,8 +340,8 @@ class BundleReader:
     def close(self):
         with self._lock:
             for opened in self._fds.values():
-                if not isinstance(opened, Exception):
-                    os.close(opened[0])
+                if isinstance(opened, ReadHandle):
+                    opened.close()
             self._fds.clear()
 
     def __enter__(self):

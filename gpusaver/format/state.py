@@ -1,10 +1,14 @@
-"""The ``checkpoint`` state file: text-format CheckpointState, as ``tf.train.latest_checkpoint`` reads it."""
+"""The ``checkpoint`` state file: text-format CheckpointState, as ``tf.train.latest_checkpoint`` reads it.
+
+The directory may be local or a URL (``s3://bucket/dir``): the file is read and written through
+the storage layer (:func:`gpusaver.storage.for_url`; pass ``storage`` for one with options)."""
 import dataclasses
+import errno
 import os
 import re
 
-from gpusaver.errors import CorruptCheckpointError, io_error
-from gpusaver.format.naming import temp_path
+from gpusaver.errors import CheckpointIOError, CheckpointNotFoundError, CorruptCheckpointError
+from gpusaver.storage import Storage, for_url, is_url
 
 STATE_FILENAME = "checkpoint"
 _LINE = re.compile(r"^\s*(\w+)\s*:\s*(.*?)\s*$")
@@ -61,21 +65,23 @@ def _unquote(text: str, path: str) -> str:
 
 
 def state_path(directory: str) -> str:
-    return os.path.join(directory, STATE_FILENAME)
+    return os.path.join(directory, STATE_FILENAME)  # a URL's separator is "/" too (POSIX)
 
 
-def read_state(directory: str) -> CheckpointState | None:
+def read_state(directory: str, storage: Storage | None = None) -> CheckpointState | None:
     """Parse ``<directory>/checkpoint``; None if absent (or a directory of that name is there).
 
     Raises CorruptCheckpointError naming the file if garbled, CheckpointIOError if unreadable."""
     path = state_path(directory)
+    storage = storage if storage is not None else for_url(directory)
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        lines = storage.read_bytes(path, "reading the checkpoint state file").decode("utf-8", "replace").splitlines()
+    except CheckpointNotFoundError:
         return None
-    except OSError as e:
-        raise io_error(e, path, "reading the checkpoint state file") from e
+    except CheckpointIOError as e:
+        if e.errno in (errno.EISDIR, errno.ENOTDIR):  # a directory named checkpoint, or no directory
+            return None
+        raise
     model, paths, stamps, preserved = None, [], [], None
     for line in lines:
         if not line.strip():
@@ -100,42 +106,57 @@ def read_state(directory: str) -> CheckpointState | None:
     return CheckpointState(model, paths, stamps, preserved)
 
 
-def write_state(directory: str, state: CheckpointState):
+def write_state(directory: str, state: CheckpointState, fsync: bool = False, storage: Storage | None = None) -> bool:
     """Write the state file atomically (temp file + rename), so readers never see half of it.
 
-    On failure the temp file is removed and the old state file is left as it was; raises
-    CheckpointIOError naming the file (disk full, a directory named ``checkpoint`` in the way)."""
+    ``fsync=True`` also makes it durable before and after the rename (the temp file's bytes, then
+    the directory entry), for callers about to delete what the old state file named: a power loss
+    then finds the old file or the new one, complete. TF does not sync it.
+
+    Returns True when the new file is durable (``fsync`` asked and every sync succeeded). Once the
+    rename has happened nothing is raised: the new state is in place even if syncing the directory
+    then fails (False is returned), so a caller never undoes a save the state file already names.
+    Before the rename, on failure the temp file is removed and the old state file is left as it
+    was; raises CheckpointIOError naming the file (disk full, a directory named ``checkpoint`` in
+    the way). On object stores the state object is one PUT, whole or not at all."""
     lines = [f"model_checkpoint_path: {_quote(state.model_checkpoint_path)}"]
     lines += [f"all_model_checkpoint_paths: {_quote(p)}" for p in state.all_model_checkpoint_paths]
     lines += [f"all_model_checkpoint_timestamps: {t!r}" for t in state.all_model_checkpoint_timestamps]
     if state.last_preserved_timestamp is not None:
         lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
-    path = state_path(directory)
-    tmp = temp_path(path)
+    storage = storage if storage is not None else for_url(directory)
+    storage.write_bytes(state_path(directory), ("\n".join(lines) + "\n").encode("utf-8"), fsync,
+                        "writing the checkpoint state file")
+    if not fsync:
+        return False
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise io_error(e, path, "writing the checkpoint state file") from e
-        raise
+        storage.sync_dir(directory)
+    except OSError:
+        return False
+    return True
+
+
+def sync_dir(directory: str):
+    """fsync a directory, so the renames and deletions in it survive a power loss. Raises OSError."""
+    fd = os.open(directory or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def resolve(directory: str, path: str) -> str:
     """A state-file path as a usable prefix (relative ones are relative to the directory)."""
-    return path if os.path.isabs(path) else os.path.join(directory, path)
+    return path if os.path.isabs(path) or is_url(path) else os.path.join(directory, path)
 
 
-def latest_checkpoint(directory: str) -> str | None:
+def latest_checkpoint(directory: str, storage: Storage | None = None) -> str | None:
     """The newest complete checkpoint prefix in ``directory`` (its ``.index`` exists), else None —
-    the same answer as ``tf.train.latest_checkpoint``."""
-    state = read_state(directory)
+    the same answer as ``tf.train.latest_checkpoint``. ``directory`` may be a URL."""
+    directory = os.fspath(directory)
+    storage = storage if storage is not None else for_url(directory)
+    state = read_state(directory, storage)
     if state is None:
         return None
     prefix = resolve(directory, state.model_checkpoint_path)
-    return prefix if os.path.exists(prefix + ".index") else None
+    return prefix if storage.exists(prefix + ".index") else None

@@ -2,10 +2,11 @@
 
 Each tensor is declared (name, dtype, shape), then its bytes appended in any number of chunks
 from any buffer; the CRC32C is extended per chunk, so no tensor is ever joined into one ``bytes``.
-Data files and the index are written under temporary names and renamed over the final ones at
-:meth:`BundleWriter.finish`, data first and the index last, under the directory lock and commit
-journal of :mod:`gpusaver.format.commit`, so a failed or interrupted save leaves the previous
-checkpoint as it was.
+Bytes go to the storage layer (:mod:`gpusaver.storage`) as temporary objects and are committed
+under their final names at :meth:`BundleWriter.finish`, data first and the index last. On local
+disks that is a rename under the directory lock and commit journal of :mod:`gpusaver.format.commit`,
+so a failed or interrupted save leaves the previous checkpoint as it was; on object stores the
+data objects' uploads are completed first and the index's last.
 """
 import os
 import threading
@@ -19,8 +20,7 @@ from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
 from gpusaver.format.table import TableBuilder
 from gpusaver.format.wire import crc32c, crc32c_combine, mask
-
-_WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large writes
+from gpusaver.storage import LocalStorage, Storage, for_url
 
 
 def _numeric_nbytes(name: str, dtype: int, shape) -> int:
@@ -35,11 +35,7 @@ class ShardWriter:
         self._bundle = bundle
         self.shard_id = shard_id
         self.final_path = naming.data_path(bundle.prefix, shard_id, bundle.num_shards)
-        self.temp_path = naming.temp_path(self.final_path)
-        try:
-            self._file = open(self.temp_path, "wb", buffering=_WRITE_BUFFER)
-        except OSError as e:
-            raise io_error(e, self.final_path, "creating checkpoint data") from e
+        self._stream = bundle.storage.open_write(self.final_path, bundle._fsync)
         self.offset = 0
         self._open = None  # (name, dtype, shape, start offset, expected bytes, running crc)
 
@@ -71,11 +67,13 @@ class ShardWriter:
         self._put(view, state[0])
         self.offset += len(view)
 
+    @property
+    def temp_path(self) -> str | None:
+        """The local temp file being written (None on object stores)."""
+        return getattr(self._stream, "temp_path", None)
+
     def _put(self, data, name: str | None):
-        try:
-            self._file.write(data)
-        except OSError as e:
-            raise io_error(e, self.final_path, "writing checkpoint data", name) from e
+        self._stream.write(data, name)
 
     def end(self):
         """Close the open tensor and record its index entry. Raises MismatchError if bytes are missing."""
@@ -110,16 +108,10 @@ class ShardWriter:
                                          len(data), crc))
         self.offset += len(data)
 
-    def _close(self, fsync: bool):
+    def _close(self):
         if self._open is not None:
             raise RuntimeError(f"tensor {self._open[0]!r} was begun but never ended")
-        try:
-            self._file.flush()
-            if fsync:
-                os.fsync(self._file.fileno())
-            self._file.close()
-        except OSError as e:
-            raise io_error(e, self.final_path, "writing checkpoint data") from e
+        self._stream.close()  # every byte sent (and fsync'd if asked), still under the temp name
 
 
 class BundleWriter:
@@ -132,10 +124,15 @@ class BundleWriter:
 
     ``on_commit(prefix)``, if given, runs once the files are in place (e.g. to write the state
     file); its result is :attr:`committed`. If it raises, the save is rolled back: the files it
-    replaced are put back, the ones it created removed.
+    replaced are put back, the ones it created removed (on object stores, which cannot put an
+    object back, a new checkpoint is removed, index first; an overwritten one stays, complete).
+
+    ``storage``: where the files go (:mod:`gpusaver.storage`); default ``for_url(prefix)``, the
+    local file system for a plain path, fsspec for a URL such as ``s3://bucket/dir/model``.
     """
 
-    def __init__(self, prefix: str, num_shards: int = 1, fsync: bool = False, on_commit=None):
+    def __init__(self, prefix: str, num_shards: int = 1, fsync: bool = False, on_commit=None,
+                 storage: Storage | None = None):
         if not 1 <= num_shards <= MAX_SHARDS:
             raise ValueError(f"num_shards must be in [1, {MAX_SHARDS}], got {num_shards}")
         self.prefix = os.fspath(prefix)
@@ -146,13 +143,11 @@ class BundleWriter:
         self._entries: dict[str, Entry] = {}
         self._on_commit = on_commit
         self.committed = None
-        self._index_temp = None
+        self.storage = storage if storage is not None else for_url(self.prefix)
+        self._index_stream = None
         directory = os.path.dirname(self.prefix)
         if directory:
-            try:
-                os.makedirs(directory, exist_ok=True)
-            except OSError as e:
-                raise io_error(e, directory, "creating the checkpoint directory") from e
+            self.storage.makedirs(directory)
         self._shards = []
         try:
             for i in range(num_shards):
@@ -193,29 +188,47 @@ class BundleWriter:
         """
         try:
             for s in self._shards:
-                s._close(self._fsync)
+                s._close()
             table = TableBuilder()
             table.add(b"", Header(num_shards=self.num_shards).encode())
             for key, name in sorted((n.encode("utf-8"), n) for n in self._entries):
                 table.add(key, self._entries[name].encode())
             index = naming.index_path(self.prefix)
-            self._index_temp = naming.temp_path(index)
-            try:
-                with open(self._index_temp, "wb") as f:
-                    f.write(table.finish())
-                    if self._fsync:
-                        f.flush()
-                        os.fsync(f.fileno())
-            except OSError as e:
-                raise io_error(e, index, "writing the checkpoint index") from e
-            files = [(s.temp_path, s.final_path) for s in self._shards] + [(self._index_temp, index)]
-            with commit.directory_lock(self.prefix, exclusive=True):
-                commit.recover(self.prefix)  # a writer that died mid-commit before us
-                self.committed = self._replace(files)
+            self._index_stream = self.storage.open_write(index, self._fsync, "writing the checkpoint index")
+            self._index_stream.write(table.finish())
+            self._index_stream.close()
+            if isinstance(self.storage, LocalStorage):
+                files = [(s.temp_path, s.final_path) for s in self._shards] + [(self._index_stream.temp_path, index)]
+                with commit.directory_lock(self.prefix, exclusive=True):
+                    commit.recover(self.prefix)  # a writer that died mid-commit before us
+                    self.committed = self._replace(files)
+            else:
+                self.committed = self._commit_objects(index)
         except BaseException:
             self.abort()
             raise
         return self.committed
+
+    def _commit_objects(self, index: str):
+        """Commit on a store without rename (or journal): every data object is complete before the
+        index appears (the index is what makes a checkpoint exist), and ``on_commit`` (the state
+        object) runs after it. An overwrite replaces the data before the index: a reader in that
+        moment meets the old index over new data and fails its CRC check, never returns wrong
+        values."""
+        new = not self.storage.exists(index)
+        for s in self._shards:
+            s._stream.commit()
+        self._index_stream.commit()
+        try:
+            return self._on_commit(self.prefix) if self._on_commit else self.prefix
+        except BaseException:
+            if new:  # withdraw the checkpoint this save created: index first, then its data
+                for path in [index] + [s.final_path for s in self._shards]:
+                    try:
+                        self.storage.delete(path)
+                    except OSError:
+                        pass
+            raise
 
     def _replace(self, files: list[tuple[str, str]]):
         journal = commit.Journal.begin(self.prefix, files, self._fsync)
@@ -226,7 +239,7 @@ class BundleWriter:
                 except OSError as e:
                     raise io_error(e, dst, "renaming the checkpoint file into place") from e
             if self._fsync:
-                _fsync_dir(os.path.dirname(self.prefix) or ".")
+                self.storage.sync_dir(os.path.dirname(self.prefix) or ".")
             committed = self._on_commit(self.prefix) if self._on_commit else self.prefix
         except BaseException:
             try:
@@ -238,14 +251,11 @@ class BundleWriter:
         return committed
 
     def abort(self):
-        """Remove the temporary files; nothing under the final names is touched."""
+        """Remove the temporary files (abort the uploads); nothing under the final names is touched."""
         for s in self._shards:
-            try:
-                s._file.close()
-            except Exception:
-                pass
-            _discard(s.temp_path)
-        _discard(self._index_temp)
+            s._stream.discard()
+        if self._index_stream is not None:
+            self._index_stream.discard()
 
     def __enter__(self):
         return self
@@ -256,18 +266,3 @@ class BundleWriter:
         else:
             self.abort()
 
-
-def _discard(path: str | None):
-    if path is not None:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
-
-
-def _fsync_dir(directory: str):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

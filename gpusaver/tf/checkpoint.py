@@ -21,6 +21,7 @@ TF's restore-on-create (variables made by ``add_weight``-style getters after a r
 Keras 2 layers) reads those values with TF's ``RestoreV2`` from the same files.
 """
 import concurrent.futures
+import copy
 import functools
 import inspect
 import os
@@ -36,7 +37,8 @@ from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.training.saving import saveable_object, saveable_object_util
 
-from gpusaver import core
+from gpusaver import core, storage
+from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
 from gpusaver.errors import MissingKeysError, UnsupportedError
 from gpusaver.format.reader import BundleReader
@@ -69,7 +71,8 @@ def _plain_variable(obj, tensor_dict):
 
 
 def _gather(saver):
-    """(object graph proto, {key: tensor or SaveSpec}, {key: variable}) from TF's own graph walk."""
+    """(object graph proto, {key: tensor or SaveSpec}, {key: variable}, the multi-worker cluster the
+    objects live in or None) from TF's own graph walk."""
     graph_view = saver._graph_view  # pylint: disable=protected-access
     object_map = getattr(saver, "_object_map", None)
     if hasattr(save_util, "serialize_graph_view"):  # TF >= 2.11
@@ -100,7 +103,7 @@ def _gather(saver):
                 variables[key] = var
             else:
                 values[key] = value
-    return proto, values, variables
+    return proto, values, variables, distribute.cluster_of(obj for obj in serialized if obj is not None)
 
 
 def _read_values(values: dict, variables: dict) -> dict:
@@ -126,9 +129,9 @@ def _read_values(values: dict, variables: dict) -> dict:
 class _Reader:
     """What TF's restore coordinator asks of a ``CheckpointReader``, answered by gpusaver's reader."""
 
-    def __init__(self, prefix: str):
+    def __init__(self, prefix: str, options: Options):
         self.prefix = prefix
-        self.bundle = BundleReader(prefix)
+        self.bundle = BundleReader(prefix, storage.for_url(prefix, options))
 
     def has_tensor(self, key: str) -> bool:
         return key in self.bundle
@@ -295,8 +298,26 @@ class Checkpoint(tf.train.Checkpoint):
         # tf.train.Checkpoint.write and tf.train.CheckpointManager call this.
         return self.write_async(file_prefix, options).result()
 
-    def _start(self, prefix: str, options, update_state: bool) -> concurrent.futures.Future:
-        proto, values, variables = _gather(self._saver)
+    @property
+    def _gpusaver_options(self) -> Options:
+        return self._gpusaver.options
+
+    def _gpusaver_write(self, prefix: str, on_commit, options=None) -> concurrent.futures.Future:
+        """:meth:`write_async` at exactly ``prefix`` with ``on_commit(prefix)`` run on the save thread
+        once the files are in place, before ``options``' write callbacks (if it raises, the new
+        files are rolled back). How :class:`gpusaver.CheckpointManager` commits its state file and
+        retention. Options only TF handles: TF writes, with ``on_commit`` as its write callback."""
+        prefix = os.fspath(prefix)
+        if _use_tf(options) or not tf.executing_eagerly():
+            options = copy.copy(options) if options is not None else tf.train.CheckpointOptions()
+            options.experimental_write_callbacks = [on_commit, *(options.experimental_write_callbacks or [])]
+            return _done_future(super()._write(prefix, options))
+        with self._gpusaver.lock:
+            self._wait(raise_errors=False)
+            return self._start(prefix, options, update_state=False, on_commit=on_commit)
+
+    def _start(self, prefix: str, options, update_state: bool, on_commit=None) -> concurrent.futures.Future:
+        proto, values, variables, cluster = _gather(self._saver)
         tensors = _read_values(values, variables)
         tensors[OBJECT_GRAPH_KEY] = np.asarray(proto.SerializeToString(), dtype=object)
         if any(tfvars.device_of(v).is_cuda for v in variables.values()):
@@ -305,9 +326,14 @@ class Checkpoint(tf.train.Checkpoint):
             tensors = {k: v if isinstance(v, np.ndarray) else tfvars.export_gpu(v) for k, v in tensors.items()}
         callbacks = list(getattr(options, "experimental_write_callbacks", None) or [])
         state = self._gpusaver
-        future = core.save_async(prefix, tensors, state.options, stager=state.stager,
-                                 on_done=functools.partial(_commit, update_state=update_state, callbacks=callbacks),
-                                 to_array=tfvars.as_array, copy_on_write=True)
+        commit = functools.partial(_commit, update_state=update_state, callbacks=callbacks, on_commit=on_commit,
+                                   fsync=state.options.fsync)
+        if cluster is not None:  # every worker writes a share, the chief commits; not in the background
+            future = distribute.save_future(cluster, prefix, tensors, state.options, stager=state.stager,
+                                            to_array=tfvars.as_array, on_commit=commit)
+        else:
+            future = core.save_async(prefix, tensors, state.options, stager=state.stager, on_done=commit,
+                                     to_array=tfvars.as_array, copy_on_write=True)
         state.inflight = future
         return future
 
@@ -342,7 +368,7 @@ class Checkpoint(tf.train.Checkpoint):
         if _use_tf(options) or not tf.executing_eagerly() or save_path is None:
             return super().read(save_path, options)
         save_path = os.fspath(save_path)
-        reader = _Reader(save_path)
+        reader = _Reader(save_path, self._gpusaver.options)
         if OBJECT_GRAPH_KEY not in reader.bundle:
             reader.close()
             return super().read(save_path, options)
@@ -373,13 +399,16 @@ class Checkpoint(tf.train.Checkpoint):
                      feed_dict=None, options=options)
 
 
-def _commit(prefix: str, update_state: bool, callbacks) -> str:
+def _commit(prefix: str, update_state: bool, callbacks, on_commit=None, fsync: bool = False) -> str:
     """Runs on the save thread once the checkpoint's index exists: the state file (as
-    ``tf.train.Checkpoint.save`` writes it: this checkpoint only, relative), then callbacks."""
+    ``tf.train.Checkpoint.save`` writes it: this checkpoint only, relative) or a manager's commit,
+    then callbacks. If one raises, the writer rolls the new files back."""
     if update_state:
         directory = os.path.dirname(prefix) or "."
         rel = os.path.relpath(prefix, directory)
-        write_state(directory, CheckpointState(rel, [rel]))
+        write_state(directory, CheckpointState(rel, [rel]), fsync=fsync)
+    if on_commit is not None:
+        on_commit(prefix)
     for callback in callbacks:
         callback(prefix)
     return prefix

@@ -1,24 +1,27 @@
 """``gpusaver.Saver``: the contract of ``tf.contrib.eager.Saver`` over the staging core."""
 import concurrent.futures
-import glob
-import logging
+import functools
 import os
+import re
 import threading
 import time
 
 import numpy as np
 
-from gpusaver import core
-from gpusaver.errors import MissingKeysError
-from gpusaver.format import naming, paths
+from gpusaver import core, storage
+from gpusaver.errors import InvalidArgumentError, MissingKeysError, NotConsumedError, closest_names, without_numbering
+from gpusaver.format import paths
 from gpusaver.format.reader import BundleReader
-from gpusaver.format.state import CheckpointState, write_state
 from gpusaver.log import log_done
+from gpusaver.futures import SaveFuture, raise_unobserved
+from gpusaver.manager import Retention, check_max_to_keep
 from gpusaver.options import Options
+from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
 from gpusaver.staging.devices import Device
 
-logger = logging.getLogger("gpusaver")
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"  # metadata of object-based checkpoints, not a value
+_SHOWN = 20  # names listed in a message
 
 
 def _step(global_step) -> int:
@@ -27,45 +30,62 @@ def _step(global_step) -> int:
     return int(np.asarray(global_step))
 
 
-def remove_checkpoint(prefix: str):
-    """Delete a checkpoint's files (index first, so it stops being a checkpoint before data goes)."""
-    for path in [naming.index_path(prefix), *glob.glob(glob.escape(prefix) + ".data-?????-of-?????"),
-                 prefix + ".meta"]:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+def _missing_fix(missing: list[str], keys: list[str], closest: dict) -> str:
+    """What to do when the checkpoint (names ``keys``) lacks some of the Saver's names."""
+    pair = next(((m, near[0]) for m, near in closest.items() if near), None)
+    mapping = (f"gpusaver.Saver({{{pair[1]!r}: <the variable now named {pair[0]!r}>, ...}})" if pair
+               else "gpusaver.Saver({'name in the checkpoint': variable, ...})")
+    fix = f"pass var_list as a dict mapping the checkpoint's names to your variables, e.g. {mapping}"
+    if OBJECT_GRAPH_KEY in keys or any(k.endswith("/.ATTRIBUTES/VARIABLE_VALUE") for k in keys):
+        return (fix + "; this checkpoint is object-based (written by tf.train.Checkpoint or gpusaver.Checkpoint): "
+                "restore it with gpusaver.Checkpoint(model=..., optimizer=...), which matches by object "
+                "structure, not by name")
+    plain = {without_numbering(k) for k in keys}
+    if any(without_numbering(m) in plain for m in missing):
+        return (fix + ". The names differ only in auto-numbering suffixes: Keras 3 names variables by "
+                "path, and a second model built in one process is 'sequential_1/dense_2/...' where the "
+                "first was 'sequential/dense/...'. For Keras models prefer gpusaver.Checkpoint(model=model), "
+                "which matches by object structure, not by name")
+    return fix + "; for object-based checkpoints use gpusaver.Checkpoint"
 
 
-class _SaveFuture(concurrent.futures.Future):
-    """The future :meth:`Saver.save_async` returns: it notes whether anyone looked at its outcome
-    (``result()``, ``exception()``), so a failure nobody saw is raised by the Saver's next call."""
+class RestoreStatus:
+    """What :meth:`Saver.restore` did.
 
-    observed = False
+    Attributes: ``path`` (the checkpoint prefix read), ``restored`` (checkpoint names assigned,
+    one per variable), ``unused_keys`` (checkpoint tensors that matched no variable, sorted; the
+    object-graph metadata of object-based checkpoints is not counted).
+    """
 
-    def result(self, timeout=None):
-        self.observed = True
-        return super().result(timeout)
+    def __init__(self, path: str, restored: list[str], unused_keys: list[str]):
+        self.path = path
+        self.restored = list(restored)
+        self.unused_keys = sorted(unused_keys)
 
-    def exception(self, timeout=None):
-        self.observed = True
-        return super().exception(timeout)
+    def assert_consumed(self) -> "RestoreStatus":
+        """Return self if every checkpoint tensor was restored into a variable; else raise
+        NotConsumedError (an AssertionError) listing those that were not."""
+        if self.unused_keys:
+            shown = ", ".join(map(repr, self.unused_keys[:_SHOWN]))
+            more = f" and {len(self.unused_keys) - _SHOWN} more" if len(self.unused_keys) > _SHOWN else ""
+            raise NotConsumedError(
+                f"{len(self.unused_keys)} tensor(s) in checkpoint {self.path!r} matched no variable and were "
+                f"not restored: {shown}{more}. Add variables for them to var_list (a dict var_list maps "
+                "checkpoint names to variables), or don't call assert_consumed() if a partial restore is "
+                "intended", unused=self.unused_keys)
+        return self
 
-    def cancel(self):  # the save runs on; its outcome still arrives here
-        return False
+    def assert_existing_objects_matched(self) -> "RestoreStatus":
+        """Return self: every variable of the Saver was restored (a restore that misses one raises)."""
+        return self
 
-    @classmethod
-    def following(cls, inner: concurrent.futures.Future) -> "_SaveFuture":
-        outer = cls()
+    def expect_partial(self) -> "RestoreStatus":
+        """Return self (for code written against TF's status objects)."""
+        return self
 
-        def copy(f):
-            error = f.exception()
-            if error is None:
-                outer.set_result(f.result())
-            else:
-                outer.set_exception(error)
-        inner.add_done_callback(copy)
-        return outer
+    def __repr__(self):
+        return (f"RestoreStatus(path={self.path!r}, restored={len(self.restored)}, "
+                f"unused_keys={len(self.unused_keys)})")
 
 
 class Saver:
@@ -74,12 +94,18 @@ class Saver:
     Args:
         var_list: a list of variables (named as TF names them: ``name`` up to the ``:``; Keras 3
             variables by ``path``) or a dict {checkpoint name: variable}.
-        max_to_keep: keep this many most recent checkpoints written by this Saver, deleting older
-            ones' files (default 5, as TF's Saver); None keeps all.
+        max_to_keep: keep this many most recent checkpoints per directory, deleting older ones'
+            files (default 5, as TF's Saver); None or 0 keep all (as TF's Saver). Retention is
+            :class:`gpusaver.manager.Retention`, as for :class:`gpusaver.CheckpointManager`: on
+            the first save into a directory the Saver picks up the checkpoints of the same name
+            (``model`` or ``model-<N>`` for a save to ``dir/model``) that its state file lists, so
+            a restarted process deletes them in turn; other files there are never touched.
+            Old checkpoints are deleted only once the new one is durable (fsynced).
         options: :class:`gpusaver.Options` (staging budget, shards, snapshot mode, ...).
 
     Raises RuntimeError when eager execution is off, MismatchError when two variables share a name,
-    InvalidTypeError naming any element of ``var_list`` that is not a variable.
+    InvalidTypeError naming any element of ``var_list`` that is not a variable,
+    InvalidArgumentError for a negative ``max_to_keep``.
 
     Failed background saves are never dropped: if a :meth:`save_async` fails and nobody called
     its future's ``result()`` or ``exception()``, the Saver's next :meth:`save`,
@@ -91,11 +117,12 @@ class Saver:
         self._vars = tfvars.name_variables(var_list)
         self._read_all = tfvars.SnapshotReader(list(self._vars.values()))
         self._on_gpu = any(tfvars.device_of(v).is_cuda for v in self._vars.values())
+        self._cluster = distribute.cluster_of(self._vars.values())  # None unless multi-worker
         self._options = options or Options()
         self._stager = core.Stager(self._options)
-        self._max_to_keep = max_to_keep
-        self._kept: list[tuple[str, float]] = []  # (prefix, timestamp), oldest first
-        self._inflight: concurrent.futures.Future | None = None
+        self._max_to_keep = check_max_to_keep(max_to_keep, allow_zero=True)
+        self._ledgers: dict[str, Retention] = {}  # directory -> its retention, made on the first save there
+        self._inflight: SaveFuture | None = None
         self._lock = threading.Lock()
 
     @property
@@ -109,8 +136,8 @@ class Saver:
         ``result()`` returns the prefix written (``file_prefix-<step>`` when ``global_step`` is
         given) and re-raises any error from the background. At most one save per Saver is in flight:
         a second call first waits for the previous one to finish. The state file ``checkpoint`` is
-        updated only after the new checkpoint's files are complete. The interpreter does not exit
-        while a save is in flight.
+        updated (and old checkpoints deleted, see ``max_to_keep``) only after the new checkpoint's
+        files are complete. The interpreter does not exit while a save is in flight.
 
         Memory: with the default ``snapshot="auto"`` (``"reference"`` for these copy-on-write
         variable reads) the save holds the variables' current buffers; a variable assigned before its
@@ -125,25 +152,11 @@ class Saver:
         under that prefix and the state file are as they were.
         """
         tfvars.require_eager("save")
-        prefix = paths.for_write(file_prefix, "Saver.save")
+        prefix = paths.for_write(file_prefix, "Saver.save", self._options)
+        base = os.path.basename(prefix)
         if global_step is not None:
             prefix = f"{prefix}-{_step(global_step)}"
-        with self._lock:
-            self._raise_unobserved()
-            # Holding the tensors is the snapshot; turning them into arrays happens in the background.
-            tensors = dict(zip(self._vars, self._read_all()))
-            if self._on_gpu:
-                # GPU buffers go to CuPy through TF's stream-less DLPack export, which is only
-                # ordered once TF's device work is done: wait for it once, here, then take the
-                # capsules on this thread while the devices are idle (see export_gpu).
-                tfvars.sync_devices()
-                tensors = {name: tfvars.export_gpu(t) for name, t in tensors.items()}
-            future = core.save_async(prefix, tensors, self._options, stager=self._stager,
-                                     on_done=self._commit, to_array=tfvars.as_array,
-                                     copy_on_write=True)
-            future = _SaveFuture.following(future)
-            self._inflight = future
-        return future
+        return self._gpusaver_write(prefix, functools.partial(self._commit, base=base))
 
     def save(self, file_prefix: str, global_step=None) -> str:
         """Save and return the prefix written; see :meth:`save_async`."""
@@ -161,33 +174,52 @@ class Saver:
         else:
             concurrent.futures.wait([future])
 
-    def _raise_unobserved(self):
-        """Wait for the save in flight; raise its error if it failed and nobody has seen it."""
-        future = self._inflight
-        if future is None:
-            return
-        concurrent.futures.wait([future])
-        if not future.observed and future.exception() is not None:
-            raise future.exception()
+    @property
+    def _gpusaver_options(self) -> Options:
+        return self._options
 
-    def _commit(self, prefix: str) -> str:
-        """Runs on the save thread once the files are in place: state file, then retention. If
-        the state file cannot be written, nothing here changes and the writer rolls back."""
+    def _gpusaver_write(self, prefix: str, on_commit, options=None) -> SaveFuture:
+        """Snapshot the variables and write them at exactly ``prefix``; ``on_commit(prefix)`` runs
+        on the save thread once the files are in place (a CheckpointManager's retention, or the
+        Saver's own) and is the future's result. Used by :class:`gpusaver.CheckpointManager`.
+        Raises InvalidArgumentError for ``options`` (CheckpointOptions are for checkpoint objects)."""
+        tfvars.require_eager("save")
+        if options is not None:
+            raise InvalidArgumentError("options (tf.train.CheckpointOptions) apply to checkpoint objects, not to "
+                                       "gpusaver.Saver; pass gpusaver.Options to the Saver instead")
+        with self._lock:
+            raise_unobserved(self._inflight)
+            # Holding the tensors is the snapshot; turning them into arrays happens in the background.
+            tensors = dict(zip(self._vars, self._read_all()))
+            if self._on_gpu:
+                # GPU buffers go to CuPy through TF's stream-less DLPack export, which is only
+                # ordered once TF's device work is done: wait for it once, here, then take the
+                # capsules on this thread while the devices are idle (see export_gpu).
+                tfvars.sync_devices()
+                tensors = {name: tfvars.export_gpu(t) for name, t in tensors.items()}
+            if self._cluster is not None:
+                # Every worker writes a share and the chief commits; not in the background.
+                future = distribute.save_future(self._cluster, prefix, tensors, self._options, stager=self._stager,
+                                                to_array=tfvars.as_array, on_commit=on_commit)
+            else:
+                future = core.save_async(prefix, tensors, self._options, stager=self._stager,
+                                         on_done=on_commit, to_array=tfvars.as_array,
+                                         copy_on_write=True)
+            future = SaveFuture.following(future)
+            self._inflight = future
+        return future
+
+    def _commit(self, prefix: str, base: str) -> str:
+        """Runs on the save thread once the files are in place: the directory's retention (state
+        file, then deletions). Saves of one Saver commit one at a time, so the ledgers need no lock."""
         directory = os.path.dirname(prefix) or "."
-        kept = [(p, t) for p, t in self._kept if p != prefix] + [(prefix, time.time())]
-        removed = []
-        if self._max_to_keep is not None:
-            while len(kept) > max(self._max_to_keep, 1):
-                removed.append(kept.pop(0)[0])
-        rel = [os.path.relpath(p, directory) for p, _ in kept]
-        write_state(directory, CheckpointState(rel[-1], rel, [t for _, t in kept]))
-        self._kept = kept
-        for old in removed:  # after the state file stops naming them
-            try:
-                remove_checkpoint(old)
-            except OSError as e:  # the new checkpoint is committed: a leftover old one is no reason to undo it
-                logger.warning("could not delete old checkpoint %r: %s", old, e)
-        return prefix
+        ledger = self._ledgers.get(directory)
+        if ledger is None:
+            same_name = re.compile(re.escape(base) + r"(-\d+)?")
+            ledger = Retention(directory, self._max_to_keep, manages=lambda n: bool(same_name.fullmatch(n)),
+                               fsync=self._options.fsync)
+            self._ledgers[directory] = ledger
+        return ledger.commit(prefix)
 
     def restore(self, file_prefix: str, device_map: dict | None = None):
         """Restore every variable from the checkpoint at ``file_prefix``.
@@ -199,20 +231,30 @@ class Saver:
         checkpoint may hold more tensors than the Saver. ``file_prefix`` may also be a directory (its
         latest checkpoint) or one of the checkpoint's files.
 
+        Returns a :class:`RestoreStatus`: what was restored and the checkpoint tensors no variable
+        matched (``unused_keys``); its ``assert_consumed()`` raises NotConsumedError if there are any.
+
         All or nothing: if anything fails, every variable keeps the value it had before the call.
         Raises CheckpointNotFoundError (listing the checkpoints nearby), InvalidTypeError for None,
-        MissingKeysError (listing all missing names), MismatchError (dtype/shape, naming the
-        variable and both values) before any variable is changed; CorruptCheckpointError (a bad
-        CRC, naming tensor and file) or CheckpointIOError, after which the variables are put back.
+        MissingKeysError (listing all missing names, the closest names the checkpoint has, and
+        the fix: a dict var_list, or gpusaver.Checkpoint for object-based checkpoints),
+        MismatchError (dtype/shape, naming the variable and both values) before any variable is
+        changed; CorruptCheckpointError (a bad CRC, naming tensor and file) or CheckpointIOError, after which the variables are put back.
         """
         tfvars.require_eager("restore")
         self.wait(raise_errors=False)
         started = time.perf_counter()
-        prefix = paths.for_read(file_prefix, "Saver.restore")
-        with BundleReader(prefix) as reader:
+        prefix = paths.for_read(file_prefix, "Saver.restore", self._options)
+        with BundleReader(prefix, storage.for_url(prefix, self._options)) as reader:
             missing = [n for n in self._vars if n not in reader]
             if missing:
-                raise MissingKeysError(missing, prefix)
+                # Only the names no variable took are candidates for the ones missing.
+                untaken = [k for k in reader.keys() if k not in self._vars]
+                missing.sort()
+                closest = closest_names(missing[:MissingKeysError.SHOWN],
+                                        [k for k in untaken if k != OBJECT_GRAPH_KEY], pair_from=missing)
+                raise MissingKeysError(missing, prefix, fix=_missing_fix(missing, untaken, closest),
+                                       closest=closest)
             for name, var in self._vars.items():
                 entry = reader.entry(name)
                 tfvars.check_fits(name, var, entry.dtype, entry.shape)
@@ -241,3 +283,5 @@ class Saver:
                 raise
             log_done("restore", prefix, sum(reader.entry(n).size for n in self._vars),
                      time.perf_counter() - started)
+            unused = [k for k in reader.keys() if k not in self._vars and k != OBJECT_GRAPH_KEY]
+        return RestoreStatus(prefix, list(self._vars), unused)

@@ -150,6 +150,30 @@ def sync_devices():
             (tf.zeros([]) + 1.0).numpy()
 
 
+def _dlpack_device(value) -> tuple[int, int]:
+    """(DLPack device type, TF's logical index) of an eager tensor; TF 2.16's tensors have no
+    ``__dlpack_device__``, their device string says the same."""
+    get = getattr(value, "__dlpack_device__", None)
+    if get is not None:
+        return tuple(get())
+    device = devices.parse(value.device)
+    return (_DLPACK_CUDA if device.is_cuda else 1, device.index)
+
+
+def _capsule(value):
+    """A tensor's legacy DLPack capsule (TF 2.16's tensors have no ``__dlpack__``)."""
+    export = getattr(value, "__dlpack__", None)
+    return export() if export is not None else tf.experimental.dlpack.to_dlpack(value)
+
+
+def _numpy_view(value) -> np.ndarray:
+    """A CPU tensor as numpy, zero-copy by DLPack where TF allows."""
+    try:
+        return np.from_dlpack(dlpack.CapsuleProducer(_capsule(value), (1, 0)))
+    except (RuntimeError, TypeError, BufferError, tf.errors.OpError):  # a dtype TF's export refuses
+        return value.numpy()
+
+
 def export_gpu(value):
     """A snapshot tensor ready for the save thread: GPU tensors become their DLPack capsules
     (numbered by CUDA ordinal); anything else is returned as it is.
@@ -164,13 +188,13 @@ def export_gpu(value):
     """
     if value.dtype == tf.string:  # strings live in host memory whatever the device says
         return value
-    dev_type, tf_index = value.__dlpack_device__()
+    dev_type, tf_index = _dlpack_device(value)
     if dev_type != _DLPACK_CUDA:
         return value
     ordinal = cuda_ordinal(tf_index)
     if ordinal is not None:
         try:
-            capsule = value.__dlpack__()
+            capsule = _capsule(value)
         except tf.errors.OpError:  # a dtype this TF's DLPack export refuses
             pass
         else:
@@ -195,11 +219,8 @@ def as_array(value):
     if devices.parse(value.device).is_cuda:  # not exported: the core's DLPack import handles it
         return value
     if value.dtype == tf.bfloat16:
-        return np.from_dlpack(tf.bitcast(value, tf.uint16)).view(ml_dtypes.bfloat16)
-    try:
-        return np.from_dlpack(value)
-    except (RuntimeError, TypeError, BufferError, AttributeError):  # TF 2.16 tensors lack __dlpack__
-        return value.numpy()
+        return _numpy_view(tf.bitcast(value, tf.uint16)).view(ml_dtypes.bfloat16)
+    return _numpy_view(value)
 
 
 def check_fits(name: str, var: tf.Variable, dtype_enum: int, shape: tuple[int, ...]):

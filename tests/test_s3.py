@@ -1,0 +1,232 @@
+"""Checkpoints on S3 (issue 13), against a real SeaweedFS server on 127.0.0.1 (tests/seaweed.py):
+round trips through ``gpusaver.save/load`` and ``Saver``, the commit order (data, then index, then
+state object), a save failing or the server dying mid-save, and wrong credentials."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import gpusaver
+from gpusaver.errors import CheckpointIOError, CheckpointNotFoundError
+from gpusaver.format.reader import BundleReader
+from gpusaver.format.writer import BundleWriter
+from gpusaver.storage import for_url
+from gpusaver.storage.fsspec import PART_SIZE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PART_FLOATS = (PART_SIZE + (1 << 20)) // 4  # float32 elements of a tensor that fills more than one part
+
+
+@pytest.fixture
+def s3(seaweed, s3_url, monkeypatch):
+    """(URL of a fresh directory, Options reaching the server). The server's endpoint and
+    credentials are also in the AWS_* environment, as users configure s3fs, for the APIs that
+    take no Options (``Saver``'s files, ``latest_checkpoint``)."""
+    from seaweed import ACCESS_KEY, SECRET_KEY
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweed.endpoint)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_url, gpusaver.Options(storage_options=seaweed.storage_options())
+
+
+@pytest.fixture
+def fresh_s3_clients():
+    """fsspec keeps one S3FileSystem per set of arguments, its client made from the environment of
+    its first use: forget them before and after a test that changes that environment."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _arrays(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "big": rng.standard_normal((10 << 20) // 4).astype(np.float32),  # several ranged reads
+        "int": np.arange(1000, dtype=np.int64).reshape(10, 100) + seed,
+        "half": rng.standard_normal(333).astype(np.float16),
+        "text": np.array([b"alpha", b"", "gamma".encode()] * 3, dtype=object).reshape(3, 3),
+        **{f"small/{i:03d}": np.full(i + 1, i + seed, np.int32) for i in range(50)},
+    }
+
+
+def _assert_same(got: dict, want: dict):
+    assert set(got) == set(want)
+    for k, v in want.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert got[k].tolist() == v.tolist(), k
+
+
+def _objects(url: str, options) -> list[str]:
+    storage = for_url(url, options)
+    return [p.rsplit("/", 1)[-1] for p in storage.list(url)]
+
+
+def test_save_load_round_trip(s3):
+    url, options = s3
+    arrays = _arrays()
+    prefix = gpusaver.save(url + "/model", arrays, options)
+    assert prefix == url + "/model"
+    assert _objects(url, options) == ["model.data-00000-of-00001", "model.index"]
+    _assert_same(gpusaver.load(prefix, options=options), arrays)
+    _assert_same(gpusaver.load(prefix, ["big", "text"], options=options), {k: arrays[k] for k in ("big", "text")})
+
+
+def test_save_load_round_trip_in_several_shards(s3):
+    url, options = s3
+    import dataclasses
+    options = dataclasses.replace(options, num_shards=3, chunk_size=1 << 20)
+    arrays = _arrays(1)
+    gpusaver.save(url + "/sharded", arrays, options)
+    assert sorted(_objects(url, options)) == [f"sharded.data-0000{i}-of-00003" for i in range(3)] + ["sharded.index"]
+    _assert_same(gpusaver.load(url + "/sharded", options=options), arrays)
+
+
+def test_saver_save_restore(s3, tf):
+    url, _ = s3
+    v = tf.Variable(np.arange(12, dtype=np.float32).reshape(3, 4), name="v")
+    w = tf.Variable(np.ones(5, np.int64), name="w")
+    saver = gpusaver.Saver([v, w], max_to_keep=2)
+    paths = [saver.save(url + "/model", global_step=step) for step in (1, 2, 3)]
+    # Retention on the store: the oldest checkpoint's objects are gone, the two newest stay.
+    names = [o.rsplit("/", 1)[-1] for o in _objects(url, s3[1])]
+    assert not [n for n in names if n.startswith("model-1.")]
+    assert {"model-2.index", "model-3.index", "model-3.data-00000-of-00001"} <= set(names)
+    assert paths[-1] == url + "/model-3"
+    assert gpusaver.latest_checkpoint(url) == paths[-1]
+    v.assign(tf.zeros((3, 4)))
+    w.assign(tf.zeros(5, tf.int64))
+    saver.restore(url)  # a directory URL: its latest checkpoint
+    np.testing.assert_array_equal(v.numpy(), np.arange(12, dtype=np.float32).reshape(3, 4))
+    np.testing.assert_array_equal(w.numpy(), np.ones(5, np.int64))
+    saver.restore(paths[1])
+
+
+def test_nothing_is_visible_before_the_commit_and_the_index_comes_last(s3):
+    url, options = s3
+    storage = for_url(url, options)
+    prefix = url + "/m"
+    seen = {}
+
+    def on_commit(p):  # runs once the files are in place, before the state object
+        seen["objects"] = _objects(url, options)
+        return p
+
+    with BundleWriter(prefix, 2, on_commit=on_commit, storage=storage) as writer:
+        writer.shard(0).add_array("a", np.arange(_PART_FLOATS, dtype=np.float32))  # > 1 part: one left already
+        writer.shard(1).add_array("b", np.ones(10, np.int8))
+        assert _objects(url, options) == []  # uploads in flight are not objects yet
+    assert seen["objects"] == ["m.data-00000-of-00002", "m.data-00001-of-00002", "m.index"]
+    with BundleReader(prefix, storage=storage) as reader:
+        np.testing.assert_array_equal(reader.read("a"), np.arange(_PART_FLOATS, dtype=np.float32))
+
+
+def test_a_save_failing_midway_leaves_no_index_and_the_previous_checkpoint(s3, tf):
+    url, options = s3
+    v = tf.Variable(np.arange(4, dtype=np.float32), name="v")
+    saver = gpusaver.Saver([v])
+    first = saver.save(url + "/model", global_step=1)
+    storage = for_url(url, options)
+    with pytest.raises(RuntimeError, match="stopped"):
+        with BundleWriter(url + "/model-2", storage=storage) as writer:
+            writer.add_array("v", np.zeros(_PART_FLOATS, np.float32))  # a part uploaded already
+            raise RuntimeError("stopped mid-save")
+    assert _objects(url, options) == ["checkpoint", "model-1.data-00000-of-00001", "model-1.index"]
+    assert gpusaver.latest_checkpoint(url) == first
+    v.assign(tf.zeros(4))
+    saver.restore(url)
+    np.testing.assert_array_equal(v.numpy(), np.arange(4, dtype=np.float32))
+
+
+def test_server_killed_mid_save_keeps_the_previous_checkpoint(s3, seaweed):
+    url, options = s3
+    first = {"a": np.arange(100, dtype=np.float64)}
+    gpusaver.save(url + "/model-1", first, options)
+    for_url(url, options).write_bytes(url + "/checkpoint", b'model_checkpoint_path: "model-1"\n'
+                                      b'all_model_checkpoint_paths: "model-1"\n')
+    storage = for_url(url, options)
+    try:
+        with pytest.raises(CheckpointIOError) as info:
+            with BundleWriter(url + "/model-2", storage=storage) as writer:
+                writer.add_array("a", np.zeros(_PART_FLOATS, np.float32))  # a part uploaded
+                seaweed.stop()  # SIGKILL, with the data's upload open
+                writer.add_array("b", np.zeros(_PART_FLOATS, np.float32))  # the next one fails
+        assert url + "/model-2" in str(info.value) and "cannot reach the storage server" in str(info.value)
+    finally:
+        seaweed.start()
+    assert gpusaver.latest_checkpoint(url) == url + "/model-1"
+    assert not storage.exists(url + "/model-2.index")
+    _assert_same(gpusaver.load(url, options=options), first)
+
+
+def test_wrong_credentials_name_the_url(s3, seaweed):
+    url, options = s3
+    gpusaver.save(url + "/model", {"a": np.ones(3)}, options)
+    bad = gpusaver.Options(storage_options=seaweed.storage_options(secret="not-the-secret"))
+    with pytest.raises(CheckpointIOError) as info:
+        gpusaver.load(url + "/model", options=bad)
+    assert url + "/model" in str(info.value) and "credentials" in str(info.value)
+    with pytest.raises(CheckpointIOError) as info:
+        with BundleWriter(url + "/other", storage=for_url(url, bad)) as writer:
+            writer.add_array("a", np.ones(_PART_FLOATS, np.float32))
+    assert url + "/other" in str(info.value) and "credentials" in str(info.value)
+
+
+def test_missing_checkpoint_on_s3_is_not_found(s3):
+    url, options = s3
+    with pytest.raises(CheckpointNotFoundError, match="nothing.index. not found"):
+        gpusaver.load(url + "/nothing", options=options)
+    with pytest.raises(CheckpointNotFoundError):
+        BundleReader(url + "/nothing", storage=for_url(url, options))
+
+
+def test_s3_bench_runs_tiny(seaweed, tmp_path):
+    from seaweed import ACCESS_KEY, SECRET_KEY
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "s3_bench.py"), "--tiny",
+                          "--endpoint", seaweed.endpoint, "--key", ACCESS_KEY, "--secret", SECRET_KEY],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "gpusaver save" in run.stdout and "s3fs put" in run.stdout
+
+
+def test_cli_lists_and_verifies_an_s3_checkpoint(s3):
+    url, options = s3
+    gpusaver.save(url + "/model", _arrays(2), options)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    for command in (["ls", url + "/model"], ["verify", url + "/model.index"]):
+        run = subprocess.run([sys.executable, "-m", "gpusaver.cli", *command], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+        assert "big" in run.stdout or "ok" in run.stdout.lower(), run.stdout[-2000:]
+
+
+def test_checkpoint_save_restore(s3, tf):
+    url, _ = s3
+    v = tf.Variable(np.arange(6, dtype=np.float32), name="v")
+    ckpt = gpusaver.Checkpoint(v=v)
+    path = ckpt.save(url + "/ckpt")
+    assert path == url + "/ckpt-1" and gpusaver.latest_checkpoint(url) == path
+    v.assign(tf.zeros(6))
+    ckpt.restore(gpusaver.latest_checkpoint(url)).assert_consumed()
+    np.testing.assert_array_equal(v.numpy(), np.arange(6, dtype=np.float32))
+
+
+@pytest.mark.xfail(strict=True, reason="the save pipeline (gpusaver/staging/pipeline.py) does not yet pass "
+                   "storage=for_url(prefix, options) to its BundleWriter, so a save's files are written "
+                   "with the store's default configuration (the AWS_* environment) only")
+def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh_s3_clients):
+    # The environment points at a closed loopback port with wrong keys: only the options reach the server.
+    from seaweed import _free_ports
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    options = gpusaver.Options(storage_options=seaweed.storage_options())
+    gpusaver.save(s3_url + "/model", {"a": np.ones(3)}, options)
+    assert gpusaver.load(s3_url + "/model", options=options)["a"].tolist() == [1, 1, 1]
