@@ -29,7 +29,8 @@ import time
 
 from gpusaver import storage
 from gpusaver.errors import CorruptCheckpointError, InvalidArgumentError, InvalidTypeError, io_error
-from gpusaver.format import commit, naming
+from gpusaver.format import naming
+from gpusaver.storage import commit
 from gpusaver.format.state import CheckpointState, read_state, resolve, sync_dir, write_state
 from gpusaver.futures import SaveFuture, raise_unobserved
 

@@ -9,7 +9,8 @@ import threading
 import numpy as np
 
 from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError
-from gpusaver.format import commit, naming, strings
+from gpusaver.format import naming, strings
+from gpusaver.storage import commit
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
 from gpusaver.format.proto import Entry, Header

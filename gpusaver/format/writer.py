@@ -4,7 +4,7 @@ Each tensor is declared (name, dtype, shape), then its bytes appended in any num
 from any buffer; the CRC32C is extended per chunk, so no tensor is ever joined into one ``bytes``.
 Bytes go to the storage layer (:mod:`gpusaver.storage`) as temporary objects and are committed
 under their final names at :meth:`BundleWriter.finish`, data first and the index last. On local
-disks that is a rename under the directory lock and commit journal of :mod:`gpusaver.format.commit`,
+disks that is a rename under the directory lock and commit journal of :mod:`gpusaver.storage.commit`,
 so a failed or interrupted save leaves the previous checkpoint as it was; on object stores the
 data objects' uploads are completed first and the index's last.
 """
@@ -14,7 +14,8 @@ import threading
 import numpy as np
 
 from gpusaver.errors import MismatchError, io_error
-from gpusaver.format import commit, naming, strings
+from gpusaver.format import naming, strings
+from gpusaver.storage import commit
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
@@ -180,7 +181,7 @@ class BundleWriter:
 
         An old checkpoint under the same prefix is replaced file by file, never deleted first. The
         renames and ``on_commit`` happen under the directory lock and a commit journal
-        (:mod:`gpusaver.format.commit`): gpusaver's readers see the old checkpoint or the new one,
+        (:mod:`gpusaver.storage.commit`): gpusaver's readers see the old checkpoint or the new one,
         never a mix; on any failure the replaced files are put back and the new ones removed; after
         a crash in that window the next gpusaver reader or writer of the prefix finishes or undoes
         the commit. Raises CheckpointIOError naming the file on any OS error (disk full, a

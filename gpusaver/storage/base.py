@@ -62,7 +62,7 @@ class Storage(abc.ABC):
     ``atomic_replace``: a commit over an existing object is an atomic rename. Object stores have
     none: there a checkpoint exists once its ``.index`` does, so writers commit the index last.
     (Local overwrites also keep the replaced files aside as hard links under a commit journal:
-    :mod:`gpusaver.format.commit`, which works on local paths only.)"""
+    :mod:`gpusaver.storage.commit`, which works on local paths only.)"""
 
     atomic_replace: bool = False
 

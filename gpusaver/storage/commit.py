@@ -31,7 +31,7 @@ except ImportError:  # not POSIX: no directory locks
     fcntl = None
 
 from gpusaver.errors import CorruptCheckpointError, io_error
-from gpusaver.format import naming
+from gpusaver.storage.local import temp_path
 
 _SUFFIX = ".gpusaver-journal"
 
@@ -80,7 +80,7 @@ class Journal:
         self.prefix = prefix
         self.path = journal_path(prefix)
         self.fsync = fsync
-        self.files = [{"path": dst, "new": src, "backup": naming.temp_path(dst), "existed": None}
+        self.files = [{"path": dst, "new": src, "backup": temp_path(dst), "existed": None}
                       for src, dst in files]
 
     @classmethod
@@ -108,7 +108,7 @@ class Journal:
     def _write(self, phase: str):
         record = {"phase": phase, "files": [{k: os.path.basename(v) if isinstance(v, str) else v
                                              for k, v in f.items()} for f in self.files]}
-        temp = naming.temp_path(self.path)
+        temp = temp_path(self.path)
         try:
             with open(temp, "w") as out:
                 json.dump(record, out)
@@ -140,7 +140,7 @@ def _restore(files: list[dict]):
         if f["existed"] and f["backup"] is not None and os.path.lexists(f["backup"]):
             # Link, then rename over: the backup stays until the journal is gone, so a rollback cut
             # short can be run again.
-            temp = naming.temp_path(f["path"])
+            temp = temp_path(f["path"])
             os.link(f["backup"], temp)
             os.replace(temp, f["path"])
             _discard(temp)  # rename between two links to one file does nothing (POSIX)

@@ -3,7 +3,7 @@
 A write goes to ``<final>.tempstate<random>`` beside the final name (TF's own suffix) and is
 renamed over it at commit: ``rename`` replaces atomically, so readers see the old file or the
 new one. (Keeping replaced files aside for a rollback is the commit journal's job:
-:mod:`gpusaver.format.commit`.)
+:mod:`gpusaver.storage.commit`.)
 """
 import os
 import stat
