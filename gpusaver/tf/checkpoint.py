@@ -64,8 +64,8 @@ def _plain_variable(obj, tensor_dict):
     if len(tensor_dict) != 1 or not next(iter(tensor_dict)).endswith(_VARIABLE_SUFFIX):
         return None
     try:
-        var = tfvars.name_variables({"v": obj})["v"]
-    except (TypeError, ValueError):
+        var = tfvars.tf_variable(obj)
+    except TypeError:
         return None
     return var if isinstance(var, resource_variable_ops.BaseResourceVariable) else None
 

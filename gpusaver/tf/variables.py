@@ -34,7 +34,7 @@ def require_eager(what: str):
                            "(tf.compat.v1.enable_eager_execution, the TF2 default)")
 
 
-def _tf_variable(var, where: str = "var_list element"):
+def tf_variable(var, where: str = "var_list element"):
     """The tf.Variable behind a tf.Variable or a Keras 3 variable; InvalidTypeError for anything else."""
     if isinstance(var, tf.Variable):
         return var
@@ -74,7 +74,7 @@ def name_variables(var_list) -> dict[str, tf.Variable]:
         items = [(f"var_list[{i}]", None, v) for i, v in enumerate(var_list)]
     named: dict[str, tf.Variable] = {}
     for where, name, var in items:
-        tf_var = _tf_variable(var, where)
+        tf_var = tf_variable(var, where)
         if name is None:
             name = default_name(var)
         if name in named and named[name] is not tf_var:
