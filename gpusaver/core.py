@@ -8,6 +8,7 @@ import functools
 import threading
 from typing import Any, Iterable, Mapping
 
+from gpusaver import storage
 from gpusaver.errors import MissingKeysError
 from gpusaver.format import paths
 from gpusaver.format.reader import BundleReader
@@ -52,7 +53,7 @@ def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | N
     directory or a checkpoint file's name; CheckpointIOError (from ``result()``) naming the file
     when writing fails, the previous checkpoint under that prefix left as it was.
     """
-    file_prefix = paths.for_write(file_prefix, "save")
+    file_prefix = paths.for_write(file_prefix, "save", options)
     options = options or Options()
     stager = stager or _default_stager(options)
     mode = options.snapshot_mode(copy_on_write)
@@ -92,14 +93,14 @@ def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",
     (listing every missing key), CorruptCheckpointError (naming tensor and file), ImportError
     naming the extra to install for a CUDA device without CuPy.
     """
-    file_prefix = paths.for_read(file_prefix, "load")
+    file_prefix = paths.for_read(file_prefix, "load", options)
     if isinstance(keys, (str, bytes)):  # one key, not its characters
         keys = [keys.decode() if isinstance(keys, bytes) else keys]
     options = options or Options()
     stager = _default_stager(options)
-    with BundleReader(file_prefix) as reader:
+    with BundleReader(file_prefix, storage.for_url(file_prefix, options)) as reader:
         names = reader.keys() if keys is None else list(keys)
-        missing = [n for n in names if n not in reader]
+        missing = [n for n in names if n not in reader] if keys is not None else []  # keys(): all there
         if missing:
             raise MissingKeysError(missing, file_prefix)
         if isinstance(device, Mapping):

@@ -104,8 +104,9 @@ class Retention:
     """
 
     def __init__(self, directory: str, max_to_keep: int | None, keep_checkpoint_every_n_hours=None,
-                 manages=lambda name: True, fsync: bool = False):
+                 manages=lambda name: True, fsync: bool = False, options=None):
         self.directory = directory
+        self.store = storage.for_url(directory, options)  # Options.storage_options for URLs
         self.max_to_keep = max_to_keep
         self.every_n_hours = keep_checkpoint_every_n_hours
         self.fsync = fsync
@@ -113,7 +114,7 @@ class Retention:
         self._active: dict[str, float] = {}  # name relative to directory -> timestamp (s), oldest first
         now = time.time()
         try:
-            state = read_state(directory)
+            state = read_state(directory, self.store)
         except CorruptCheckpointError as e:  # as TF: a garbled state file is ignored (and replaced)
             logger.warning("ignoring the checkpoint state file: %s", e)
             state = None
@@ -193,7 +194,7 @@ class Retention:
             # Before anything older goes, the new checkpoint must survive a power loss.
             _make_durable(prefix)
         synced = write_state(self.directory, CheckpointState(name, list(active), list(active.values()), preserved),
-                             fsync=durable)
+                             fsync=durable, storage=self.store)
         with self._lock:
             self._active, self._preserved, self._latest = active, preserved, prefix
         if removed and not synced:
@@ -202,7 +203,7 @@ class Retention:
             return prefix
         for old in removed:  # only now that the state file no longer names them
             try:
-                remove_checkpoint(self._path(old))
+                remove_checkpoint(self._path(old), self.store)
             except OSError as e:  # the new checkpoint is committed: a leftover old one is no reason to undo it
                 logger.warning("could not delete old checkpoint %r: %s", self._path(old), e)
         return prefix
@@ -279,7 +280,7 @@ class CheckpointManager:
         options = getattr(checkpoint, "_gpusaver_options", None)
         self._retention = Retention(self._directory, check_max_to_keep(max_to_keep, allow_zero=False),
                                     keep_checkpoint_every_n_hours, manages=lambda n: bool(pattern.fullmatch(n)),
-                                    fsync=bool(getattr(options, "fsync", False)))
+                                    fsync=bool(getattr(options, "fsync", False)), options=options)
         self._counter = max(self._retention.numbers(os.path.normpath(checkpoint_name)), default=0)
         self._lock = threading.Lock()
         self._inflight: concurrent.futures.Future | None = None

@@ -60,9 +60,79 @@ def test_bench_tiny_cpu(tmp_path):
         assert mem["peak_rss_bytes"] >= mem["baseline_rss_bytes"] > 0
     assert {t["target"] for t in result["targets"]} == {
         "save >= 2x tf.compat.v1 Saver.save", "restore >= 1.5x Saver.restore",
-        "save_async return <= 2% of TF sync save", "copy-mode peak extra <= budget + 64 MiB"}
+        "save_async return <= 2% of TF sync save", "copy-mode peak extra <= budget + 64 MiB",
+        "save >= 90% of plain write", "restore >= 3x Saver.restore"}
+    assert "Per tensor over the limit" in md and "µs/tensor over limit" in md
     assert result["machine"]["cpu_model"] and result["machine"]["versions"]["tensorflow"]
     assert "PASS" in proc.stdout or "MISS" in proc.stdout
+
+
+def _python(code: str, cwd, timeout=600):
+    """Run ``code`` in a fresh interpreter that imports this checkout's gpusaver."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+               TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_tiny_many_and_small(tmp_path):
+    """The per-tensor workloads through the TF bench: every contender runs and restores the right
+    values, the per-tensor cost is reported and the workloads' own targets are judged."""
+    code = ("import json, sys; from gpusaver.bench import Workload, MiB; from gpusaver.bench import report; "
+            "from gpusaver.bench.cpu import bench_workload; "
+            f"recs = [bench_workload(Workload(k, 4 * MiB, tiny=True), 1, 0, {str(tmp_path / 's')!r}, memory=False, "
+            "progress=lambda line: None) for k in ('many', 'small')]; "
+            f"result = report.assemble(recs, None, {str(tmp_path)!r}, 'test', {{}}); "
+            f"report.write_all(result, {str(tmp_path)!r})")
+    _python(code, tmp_path)
+    result = json.loads((tmp_path / "results.json").read_text())
+    many, small = result["cpu"]
+    assert (many["workload"], many["num_tensors"], many["nbytes"]) == ("many", 300, 300 * 8192)
+    assert small["workload"] == "small" and small["num_tensors"] == 200
+    for record in (many, small):
+        assert CPU_CONTENDERS <= set(record["cases"])
+        assert record["restore_correct"] and all(record["restore_correct"].values())
+    targets = {(t["workload"], t["target"]) for t in result["targets"]}
+    assert {(many["label"], "save >= 10x Saver.save"), (many["label"], "restore >= 5x Saver.restore"),
+            (many["label"], "save_async return <= 1% of TF sync save"),
+            (small["label"], "save >= 80% of plain write"), (small["label"], "restore >= 3x Saver.restore")} <= targets
+    md = (tmp_path / "results.md").read_text()
+    assert "many 300 x 8 KiB float32 — 300 tensors" in md
+    assert md.count("Per tensor over the limit") == 2
+
+
+def test_bench_peers_tiny_without_tensorflow(tmp_path):
+    """The TF-free mode: the core beside every peer that is installed (the others skipped with a
+    reason), each load checked, the baseline child path exercised on this very checkout, and
+    TensorFlow never imported."""
+    code = ("import sys; from gpusaver.bench.peers import main; "
+            f"status = main(['--tiny', '--workloads', 'mix,many', '--out', {str(tmp_path / 'out')!r}, "
+            f"'--baseline', {ROOT!r}]); "
+            "assert 'tensorflow' not in sys.modules, 'the peers bench imported TensorFlow'; sys.exit(status)")
+    proc = _python(code, tmp_path)
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert not result["cpu"] and len(result["peers"]) == 2
+    peers = {"safetensors", "torch.save", "torch DCP", "np.savez"}
+    for record in result["peers"]:
+        cases = record["cases"]
+        assert {"gpusaver (core) save", "gpusaver (core) load", "limit: write", "limit: read"} <= set(cases)
+        baseline = [n for n in record["load_correct"] if n.startswith("gpusaver (baseline")]
+        assert len(baseline) == 1 and f"{baseline[0]} load" in cases
+        for peer in peers:  # measured, or skipped with the reason printed
+            assert (f"{peer} save" in cases) != (peer in record["skipped"]), peer
+            if peer in record["skipped"]:
+                assert f"skipping {peer}: " in proc.stdout
+        assert "np.savez save" in cases  # numpy is always there
+        assert record["load_correct"] and all(record["load_correct"].values())
+        assert all(c["runs"][0]["seconds"] > 0 for c in cases.values())
+    targets = {(t["workload"], t["target"]) for t in result["targets"]}
+    many = result["peers"][1]["label"]
+    assert {(many, "core save <= 10 us per tensor over plain write"), (many, "core load <= 10 us per tensor over "
+            "plain read"), (many, "core save at least as fast as every peer")} <= targets
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "## Without TensorFlow: many 300 x 8 KiB" in md and "| plain write / read |" in md
 
 
 def test_demo(tmp_path):

@@ -216,9 +216,6 @@ def test_checkpoint_save_restore(s3, tf):
     np.testing.assert_array_equal(v.numpy(), np.arange(6, dtype=np.float32))
 
 
-@pytest.mark.xfail(strict=True, reason="the save pipeline (gpusaver/staging/pipeline.py) does not yet pass "
-                   "storage=for_url(prefix, options) to its BundleWriter, so a save's files are written "
-                   "with the store's default configuration (the AWS_* environment) only")
 def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh_s3_clients):
     # The environment points at a closed loopback port with wrong keys: only the options reach the server.
     from seaweed import _free_ports

@@ -4,6 +4,8 @@
   and ``tf.train.Checkpoint`` (sync and async), page cache and fsync'd, plus peak host memory per
   contender measured in child processes.
 - :mod:`gpusaver.bench.gpu`: CuPy arrays through ``gpusaver.save``/``load`` against raw pinned copies.
+- :mod:`gpusaver.bench.peers`: without TensorFlow, the core (numpy arrays, CRC-checked) beside
+  safetensors, torch.save, torch DCP and np.savez on the same arrays.
 - :mod:`gpusaver.bench.report`: machine description, JSON, markdown table, PNG plot, PASS/MISS targets.
 
 This module holds what the CPU and GPU benches share: the workload shapes and the interleaved timer.
@@ -21,15 +23,20 @@ GiB = 1 << 30
 #: The mix workload: a few large tensors (embeddings, dense kernels) holding ~99% of the bytes, and
 #: many small ones (biases, norms) that stress per-tensor overheads.
 MIX_LARGE, MIX_SMALL, MIX_SMALL_SHARE = 16, 2000, 0.01
-#: The small workload: many equal variables, where per-tensor cost dominates.
+#: The small workload: many equal variables, where per-tensor cost dominates (105 KiB each at 1 GiB).
 SMALL_COUNT = 10_000
+#: The many workload: 8 KiB tensors (biases, norms, their optimizer slots), 30,000 per GiB of
+#: ``--sizes``, so nearly all of the cost is per tensor and the scale runs grow the count.
+MANY_TENSOR_BYTES, MANY_PER_GIB = 8 << 10, 30_000
 #: --tiny keeps the structure (large + small, many small) but at a size a smoke test runs in seconds.
-TINY_MIX_SMALL, TINY_SMALL_COUNT = 100, 200
+TINY_MIX_SMALL, TINY_SMALL_COUNT, TINY_MANY_COUNT = 100, 200, 300
+WORKLOADS = ("mix", "small", "many")
 
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """What to save: ``kind`` "mix" or "small", about ``size_bytes`` of ``dtype`` ("float32", "bfloat16")."""
+    """What to save: ``kind`` (see :data:`WORKLOADS`), about ``size_bytes`` of ``dtype`` ("float32",
+    "bfloat16"); for "many", ``size_bytes`` sets the tensor count (30,000 per GiB), not their size."""
     kind: str
     size_bytes: int
     dtype: str = "float32"
@@ -53,7 +60,17 @@ class Workload:
             count = TINY_SMALL_COUNT if self.tiny else SMALL_COUNT
             each = max(1, self.size_bytes // (count * self.itemsize))
             return {f"var_{i:05d}": (each,) for i in range(count)}
-        raise ValueError(f"unknown workload {self.kind!r} (known: mix, small)")
+        if self.kind == "many":
+            each = MANY_TENSOR_BYTES // self.itemsize
+            return {f"var_{i:06d}": (each,) for i in range(self.count)}
+        raise ValueError(f"unknown workload {self.kind!r} (known: {', '.join(WORKLOADS)})")
+
+    @property
+    def count(self) -> int:
+        """How many tensors: fixed for mix and small, by ``size_bytes`` for many."""
+        if self.kind == "many":
+            return TINY_MANY_COUNT if self.tiny else max(1, round(MANY_PER_GIB * self.size_bytes / GiB))
+        return len(self.shapes())
 
     @property
     def nbytes(self) -> int:
@@ -61,6 +78,8 @@ class Workload:
 
     @property
     def label(self) -> str:
+        if self.kind == "many":
+            return f"many {self.count} x {MANY_TENSOR_BYTES >> 10} KiB {self.dtype}"
         size = f"{self.size_bytes / GiB:g} GiB" if self.size_bytes >= GiB // 4 else f"{self.size_bytes / MiB:g} MiB"
         return f"{self.kind} {size} {self.dtype}"
 

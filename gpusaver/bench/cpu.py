@@ -26,9 +26,8 @@ import tensorflow as tf
 
 import gpusaver
 from gpusaver.bench import GiB, MiB, Case, Workload, interleave, timed
+from gpusaver.bench.disk import fresh, fsync_tree, limit_cases, slug, warm_free_memory
 
-_LIMIT_BUFFER = 256 * MiB  # limits cycle through one buffer pair: same bytes moved, bounded memory
-_WRITE_PIECE = 64 * MiB  # "large writes" for the plain-write limit
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -60,37 +59,6 @@ def perturb(variables: dict):
 
 
 # --- contenders --------------------------------------------------------------------------------
-def _fresh(directory: str):
-    """Remove a contender's previous output and flush dirty pages, so each save starts alike."""
-    shutil.rmtree(directory, ignore_errors=True)
-    os.makedirs(directory)
-    os.sync()
-
-
-def _warm_free_memory(nbytes: int):
-    """Touch and free ``nbytes`` (at most half the free memory) just before a timed operation.
-
-    On VMs with free page reporting (virtio-balloon), memory left free for ~2 s goes back to the
-    host and the next touch of it costs ~10x (seen on the 2-core bench VM: 2 GiB faulted in 0.28 s
-    warm, 2.5 s after 5 s idle). Page-cache writes and fresh restore buffers would pay that at
-    random, depending on what ran before; this gives every contender the same warm free pages.
-    """
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    np.ones(min(nbytes, free // 2), dtype=np.uint8)  # dropped at once: the pages return warm
-
-
-def _fsync_tree(directory: str):
-    """fsync every file in ``directory`` and the directory itself (what gpusaver's fsync=True does)."""
-    for entry in os.scandir(directory):
-        with open(entry.path, "rb") as f:
-            os.fsync(f.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def timed_async(start) -> dict[str, float]:
     """Time an asynchronous save: ``start()`` begins it and returns a callable that waits for it.
 
@@ -127,7 +95,7 @@ def contenders(variables: dict, nbytes: int) -> tuple[dict, dict]:
 
     def v1_fsync(prefix):
         v1.save(None, prefix)
-        _fsync_tree(os.path.dirname(prefix))  # TF never fsyncs; do it after, as a user would have to
+        fsync_tree(os.path.dirname(prefix))  # TF never fsyncs; do it after, as a user would have to
 
     saves = {
         "gpusaver save": ("save", True, lambda p: timed(lambda: g.save(p))),
@@ -155,51 +123,6 @@ def copy_budget(nbytes: int) -> int:
     return max(MiB, nbytes // 4)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-
-
-# --- raw limits --------------------------------------------------------------------------------
-def limit_cases(nbytes: int, path: str, setup, read_setup) -> list[Case]:
-    """Plain write of ``nbytes`` to ``path`` (large writes, one file), write + fsync, memcpy, read-back.
-
-    ``setup`` gives the writes (and the memcpy) the same start as the saves, ``read_setup`` the
-    read-back the same start as the restores.
-    """
-    src = np.full(_LIMIT_BUFFER, 7, dtype=np.uint8)
-    dst = np.zeros(_LIMIT_BUFFER, dtype=np.uint8)  # touched, so the memcpy pays no page faults
-
-    def pieces():
-        done = 0
-        while done < nbytes:
-            offset = done % _LIMIT_BUFFER
-            n = min(_WRITE_PIECE, nbytes - done, _LIMIT_BUFFER - offset)
-            yield offset, n
-            done += n
-
-    def write(fsync=False):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb", buffering=0) as f:
-            for offset, n in pieces():
-                f.write(memoryview(src)[offset:offset + n])
-            if fsync:
-                os.fsync(f.fileno())
-
-    def memcpy():
-        for offset, n in pieces():
-            np.copyto(dst[offset:offset + n], src[offset:offset + n])
-
-    def read():
-        with open(path, "rb", buffering=0) as f:
-            for offset, n in pieces():
-                f.readinto(memoryview(dst)[offset:offset + n])
-
-    return [Case("limit: write", "save", lambda: timed(write), setup),
-            Case("limit: memcpy", "save", lambda: timed(memcpy), setup),
-            Case("limit: write + fsync", "fsync", lambda: timed(lambda: write(True)), setup),
-            Case("limit: read", "restore", lambda: timed(read), read_setup)]
-
-
 # --- one workload ------------------------------------------------------------------------------
 def bench_workload(workload: Workload, runs: int, warmup: int, scratch: str, memory: bool = True,
                    progress=print) -> dict:
@@ -210,18 +133,18 @@ def bench_workload(workload: Workload, runs: int, warmup: int, scratch: str, mem
     nbytes = workload.nbytes
     saves, restores = contenders(variables, nbytes)
     root = os.path.join(scratch, "out")
-    prefix = {name: os.path.join(root, _slug(name), "ckpt") for name in saves}
+    prefix = {name: os.path.join(root, slug(name), "ckpt") for name in saves}
 
     def clean_slate(directory):
         # Every output of every contender goes, then dirty pages are flushed: deleted files' pages
         # are dropped rather than written, so no save starts while the disk is busy with another's.
-        _fresh(root)
+        fresh(root)
         os.makedirs(directory, exist_ok=True)  # TF's Saver wants the directory to exist
-        _warm_free_memory(2 * nbytes)  # page cache + a copy (TF's async checkpoint) at most
+        warm_free_memory(2 * nbytes)  # page cache + a copy (TF's async checkpoint) at most
 
     def before_restore():
         os.sync()
-        _warm_free_memory(2 * nbytes)  # the restored values' new buffers (+ TF's temporaries)
+        warm_free_memory(2 * nbytes)  # the restored values' new buffers (+ TF's temporaries)
 
     save_cases = [Case(name, phase, (lambda f=fn, p=prefix[name]: f(p)),
                        (lambda d=os.path.dirname(prefix[name]): clean_slate(d)), stall)
@@ -292,14 +215,14 @@ def memory_child(name: str, workload: Workload, directory: str, repeats: int = 2
     variables = build_variables(workload)
     saves, restores = contenders(variables, workload.nbytes)
     prefix = os.path.join(directory, "ckpt")
-    _fresh(directory)
+    fresh(directory)
     if name in restores:
         source, op = restores[name]
         saves[source][2](prefix)  # the checkpoint to read, written before the baseline
         reset = os.sync
     else:
         op = saves[name][2]
-        reset = lambda: _fresh(directory)
+        reset = lambda: fresh(directory)
     gc.collect()
     reset()
     baseline = _status_kib("VmRSS") * 1024
@@ -345,7 +268,7 @@ def measure_memory(workload: Workload, scratch: str) -> dict[str, dict]:
     (RSS is per process, so they do not disturb each other's numbers), one at a time above."""
     jobs = 2 if workload.nbytes <= GiB else 1
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = {n: pool.submit(_run_child, n, workload, os.path.join(scratch, "mem", _slug(n)))
+        futures = {n: pool.submit(_run_child, n, workload, os.path.join(scratch, "mem", slug(n)))
                    for n in (TINY_MEMORY_CASES if workload.tiny else MEMORY_CASES)}
         return {n: f.result() for n, f in futures.items()}
 

@@ -93,6 +93,7 @@ def machine(out_dir: str) -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {**{d: _version(d) for d in ("tensorflow", "numpy", "keras", "crc32c", "ml_dtypes",
+                                                 "safetensors", "torch",
                                                  "cupy-cuda12x", "cupy-cuda13x", "nvidia-ml-py")},
                      "gpusaver": gpusaver.__version__,  # also when run from a checkout, not installed
                      "gpusaver_commit": _commit()},
@@ -112,6 +113,22 @@ def stall(case: dict) -> float:
     return metric(case, key)["median"]
 
 
+#: The raw limit each phase's per-tensor cost is measured over.
+LIMIT_OF_PHASE = {"save": "limit: write", "fsync": "limit: write + fsync", "restore": "limit: read"}
+
+
+def per_tensor_us(record: dict, name: str) -> float | None:
+    """Microseconds per tensor that contender ``name`` spends beyond the raw limit of its phase
+    (plain write, write + fsync, read-back of the same bytes): (median - limit median) / tensors.
+    None for the limits themselves or where the record has no such limit."""
+    case = record["cases"][name]
+    limit = LIMIT_OF_PHASE.get(case["phase"])
+    if name.startswith("limit:") or limit not in record["cases"]:
+        return None
+    extra = metric(case)["median"] - metric(record["cases"][limit])["median"]
+    return extra / record["num_tensors"] * 1e6
+
+
 def rows(record: dict) -> list[dict]:
     """One table row per contender of a CPU workload record."""
     out = []
@@ -122,6 +139,7 @@ def rows(record: dict) -> list[dict]:
         out.append({"contender": name, "phase": case["phase"], **s, "first": first,
                     "gib_s": record["nbytes"] / GiB / s["median"] if s["median"] > 0 else math.nan,
                     "stall": stall(case) if case.get("stall") else None,
+                    "us_per_tensor": per_tensor_us(record, name),
                     "peak_extra_mib": mem["peak_extra_bytes"] / MiB if "peak_extra_bytes" in mem else None,
                     "retained_mib": mem["retained_bytes"] / MiB if "retained_bytes" in mem else None,
                     "restore_ok": record.get("restore_correct", {}).get(name)})
@@ -145,6 +163,7 @@ def targets(record: dict) -> list[dict]:
         r, t = stall(c["gpusaver save_async"]), metric(c[V1_SAVE])["median"]
         add("save_async return <= 2% of TF sync save", r / t, r / t <= 0.02,
             f"returns in {r * 1e3:.1f} ms vs TF save {t:.3f} s")
+    out += workload_targets(record)
     mem = record.get("memory", {}).get(COPY_CASE, {})
     if "peak_extra_bytes" in mem:
         limit = record["copy_budget_bytes"] + 64 * MiB
@@ -153,6 +172,54 @@ def targets(record: dict) -> list[dict]:
             f"{mem['peak_extra_bytes'] / MiB:.0f} MiB vs {limit / MiB:.0f} MiB "
             f"(budget {record['copy_budget_bytes'] / MiB:.0f} MiB)")
     return out
+
+
+#: Issue 14 / DESIGN.md, per workload: (save vs the plain write as a fraction, or vs TF's Saver as a
+#: multiple), restore vs TF's Saver, and the save_async stall as a fraction of TF's synchronous save.
+WORKLOAD_TARGETS = {
+    "mix": {"save_of_write": 0.9, "restore_x_tf": 3},
+    "small": {"save_of_write": 0.8, "restore_x_tf": 3},
+    "many": {"save_x_tf": 10, "restore_x_tf": 5, "async_of_tf": 0.01},
+}
+
+
+def workload_targets(record: dict) -> list[dict]:
+    """The targets DESIGN.md sets for this workload kind (see :data:`WORKLOAD_TARGETS`)."""
+    c, want, out = record["cases"], WORKLOAD_TARGETS.get(record["workload"], {}), []
+
+    def med(name):
+        return metric(c[name])["median"] if name in c else None
+
+    def add(name, ratio, ok, detail):
+        out.append({"workload": record["label"], "target": name, "ratio": ratio, "pass": bool(ok), "detail": detail})
+
+    g, t, w = med("gpusaver save"), med(V1_SAVE), med("limit: write")
+    gr, tr = med("gpusaver restore"), med(V1_RESTORE)
+    if "save_of_write" in want and g and w:
+        x = want["save_of_write"]
+        add(f"save >= {x:.0%} of plain write", w / g, w / g >= x, f"gpusaver {g:.3f} s vs plain write {w:.3f} s")
+    if "save_x_tf" in want and g and t:
+        x = want["save_x_tf"]
+        add(f"save >= {x}x Saver.save", t / g, t / g >= x, f"gpusaver {g:.3f} s vs TF {t:.3f} s")
+    if "restore_x_tf" in want and gr and tr:
+        x = want["restore_x_tf"]
+        add(f"restore >= {x}x Saver.restore", tr / gr, tr / gr >= x, f"gpusaver {gr:.3f} s vs TF {tr:.3f} s")
+    if "async_of_tf" in want and "gpusaver save_async" in c and t:
+        r, x = stall(c["gpusaver save_async"]), want["async_of_tf"]
+        add(f"save_async return <= {x:.0%} of TF sync save", r / t, r / t <= x,
+            f"returns in {r * 1e3:.1f} ms vs TF save {t:.3f} s")
+    return out
+
+
+def cost_line(record: dict) -> str:
+    """The per-tensor cost of one workload, gpusaver beside TF's Saver, over the plain write / read."""
+    c = record["cases"]
+
+    def us(name):
+        return _f(per_tensor_us(record, name) if name in c else None, ".1f")
+    return (f"Per tensor over the limit ({record['num_tensors']} tensors): save {us('gpusaver save')} µs "
+            f"(TF Saver {us(V1_SAVE)} µs) over the plain write; restore {us('gpusaver restore')} µs "
+            f"(TF Saver {us(V1_RESTORE)} µs) over the plain read.")
 
 
 def target_lines(all_targets: list[dict]) -> list[str]:
@@ -190,16 +257,20 @@ def markdown(result: dict) -> str:
              "from the page cache. Contenders are interleaved, the order rotated each round.", ""]
     for record in result["cpu"]:
         lines += [f"## {record['label']} — {record['num_tensors']} tensors, {record['nbytes'] / MiB:.1f} MiB", "",
-                  "| contender | phase | median s | min–max s | GiB/s | stall s | warm-up s | peak extra MiB (kept) "
-                  "| restore ok |", "|---|---|---:|---:|---:|---:|---:|---:|:-:|"]
+                  "| contender | phase | median s | min–max s | GiB/s | µs/tensor over limit | stall s | warm-up s "
+                  "| peak extra MiB (kept) | restore ok |", "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
         for r in rows(record):
             ok = {True: "yes", False: "**NO**", None: ""}[r["restore_ok"]]
             lines.append(f"| {r['contender']} | {PHASE_TITLES.get(r['phase'], r['phase'])} | "
                          f"{_f(r['median'], '.3f')} | {_f(r['min'], '.3f')}–{_f(r['max'], '.3f')} | "
-                         f"{_f(r['gib_s'], '.2f')} | {_f(r['stall'], '.3f')} | {_f(r['first'], '.2f')} | {_memory(r)} | {ok} |")
+                         f"{_f(r['gib_s'], '.2f')} | {_f(r['us_per_tensor'], '.1f')} | {_f(r['stall'], '.3f')} | {_f(r['first'], '.2f')} | {_memory(r)} | {ok} |")
+        lines += ["", cost_line(record)]
         errors = {n: m["error"] for n, m in record.get("memory", {}).items() if "error" in m}
         lines += [""] + [f"- memory child for {n} failed: `{e.splitlines()[-1] if e else e}`"
                          for n, e in errors.items()] + ([""] if errors else [])
+    if result.get("peers"):
+        from gpusaver.bench.peers import markdown_lines as peer_lines
+        lines += peer_lines(result["peers"]) + [""]
     if result.get("gpu"):
         from gpusaver.bench.gpu import markdown_lines  # only when there is a GPU record
         lines += markdown_lines(result["gpu"]) + [""]
@@ -245,11 +316,16 @@ def plot(result: dict, path: str):
 
 
 # --- all of it ----------------------------------------------------------------------------------
-def assemble(cpu_records: list[dict], gpu_record: dict | None, out_dir: str, command: str, config: dict) -> dict:
+def assemble(cpu_records: list[dict], gpu_record: dict | None, out_dir: str, command: str, config: dict,
+             peers: list[dict] | None = None) -> dict:
+    """The whole result: ``peers`` are the records of the TF-free peers bench, if it ran."""
     result = {"schema": 1, "created": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": command, "config": config, "machine": machine(out_dir),
-              "cpu": cpu_records, "gpu": gpu_record}
+              "cpu": cpu_records, "gpu": gpu_record, "peers": peers or []}
     result["targets"] = [t for r in cpu_records for t in targets(r)]
+    if peers:
+        from gpusaver.bench.peers import targets as peer_targets
+        result["targets"] += [t for r in peers for t in peer_targets(r)]
     return result
 
 

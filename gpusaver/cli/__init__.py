@@ -109,7 +109,8 @@ def parser() -> argparse.ArgumentParser:
                                    "Exit status 1 if a restore gave wrong values or a measurement failed.")
     b.add_argument("--sizes", default="1", help="model sizes in GiB, comma-separated, e.g. 0.25,1,4 (default 1)")
     b.add_argument("--workloads", default="mix,small",
-                   help="mix (16 large + 2000 small tensors) and/or small (10,000 equal tensors); default both")
+                   help="mix (16 large + 2000 small tensors), small (10,000 equal tensors), many (30,000 x 8 KiB "
+                        "per GiB of --sizes); default mix,small")
     b.add_argument("--dtypes", default="float32", help="float32 and/or bfloat16 (default float32)")
     b.add_argument("--runs", type=int, default=None, help="counted runs per contender (default 5; 1 with --tiny)")
     b.add_argument("--warmup", type=int, default=None, help="uncounted runs first (default 1; 0 with --tiny)")
@@ -121,6 +122,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--gpu", action="store_true", help="GPU mode: CuPy arrays against raw pinned copies (needs CuPy)")
     b.add_argument("--cpu", action="store_true", help="with --gpu: run the CPU bench as well")
     b.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
+    b.add_argument("--peers", "--no-tf", action="store_true",
+                   help="without TensorFlow: the core on numpy arrays beside safetensors, torch.save, torch DCP, np.savez")
+    b.add_argument("--baseline", metavar="DIR", default=None,
+                   help="with --peers: another gpusaver checkout (its root) timed beside this one")
     b.set_defaults(func=_bench)
     return p
 

@@ -15,10 +15,10 @@ def _list(text: str) -> list[str]:
 
 # --- bench --------------------------------------------------------------------------------------
 def _workloads(args):
-    from gpusaver.bench import GiB, MiB, Workload
+    from gpusaver.bench import WORKLOADS, GiB, MiB, Workload
     kinds, dtypes = _list(args.workloads), _list(args.dtypes)
-    for bad in set(kinds) - {"mix", "small"}:
-        raise SystemExit(f"gpusaver bench: unknown workload {bad!r} (known: mix, small)")
+    for bad in set(kinds) - set(WORKLOADS):
+        raise SystemExit(f"gpusaver bench: unknown workload {bad!r} (known: {', '.join(WORKLOADS)})")
     for bad in set(dtypes) - {"float32", "bfloat16"}:
         raise SystemExit(f"gpusaver bench: unknown dtype {bad!r} (known: float32, bfloat16)")
     # --tiny: the same structure at 4 MiB, so a smoke test runs every code path in seconds
@@ -59,15 +59,18 @@ def bench(args) -> int:
     warmup = args.warmup if args.warmup is not None else (0 if args.tiny else 1)
     out = args.out or fresh_folder()
     scratch = args.scratch or os.path.join(out, "scratch.tmp")
-    gpu_record, cpu_records = None, []
-    if args.gpu:  # before TensorFlow is imported, so TF cannot reserve the GPU's memory first
+    gpu_record, cpu_records, peer_records = None, [], []
+    if args.peers:  # TF-free: never imports TensorFlow
+        from gpusaver.bench.peers import bench_peers
+        peer_records = [bench_peers(w, runs, warmup, os.path.join(scratch, "peers"), args.baseline) for w in workloads]
+    elif args.gpu:  # before TensorFlow is imported, so TF cannot reserve the GPU's memory first
         from gpusaver.bench.gpu import bench_gpu
         try:
             gpu_record = bench_gpu(workloads, runs, warmup, os.path.join(scratch, "gpu"))
         except (ImportError, RuntimeError) as e:  # no CuPy or no GPU: say so, no traceback
             print(f"gpusaver bench --gpu: {e}", file=sys.stderr)
             return 2
-    if args.cpu or not args.gpu:
+    if not args.peers and (args.cpu or not args.gpu):
         import_tensorflow()
         from gpusaver.bench.cpu import bench_workload
         for w in workloads:
@@ -77,11 +80,12 @@ def bench(args) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     command = "gpusaver bench " + " ".join(shlex.quote(a) for a in args.argv)
     config = {"workloads": [w.label for w in workloads], "runs": runs, "warmup": warmup, "tiny": args.tiny}
-    result = report.assemble(cpu_records, gpu_record, out, command, config)
+    result = report.assemble(cpu_records, gpu_record, out, command, config, peers=peer_records)
     paths = report.write_all(result, out)
     print(report.markdown(result))
     print("wrote " + ", ".join(paths.values()))
-    bad = failures(cpu_records, gpu_record)
+    bad = failures(cpu_records, gpu_record) + [f"{r['label']}: {n} loaded wrong values" for r in peer_records
+                                               for n, ok in r["load_correct"].items() if not ok]
     for line in bad:
         print(f"ERROR: {line}", file=sys.stderr)
     return 1 if bad else 0

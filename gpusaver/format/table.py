@@ -38,6 +38,14 @@ def short_successor(a: bytes) -> bytes:
     return a
 
 
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """Length of the longest common prefix of ``a`` and ``b``, without a loop per byte: the
+    position of the highest differing bit of the two prefixes read as big-endian integers."""
+    n = min(len(a), len(b))
+    diff = int.from_bytes(a[:n], "big") ^ int.from_bytes(b[:n], "big")
+    return n - (diff.bit_length() + 7) // 8
+
+
 class _BlockBuilder:
     def __init__(self, restart_interval: int):
         self._interval = restart_interval
@@ -52,13 +60,16 @@ class _BlockBuilder:
     def add(self, key: bytes, value: bytes):
         shared = 0
         if self._counter < self._interval:
-            n = min(len(key), len(self._last))
-            while shared < n and key[shared] == self._last[shared]:
-                shared += 1
+            shared = _common_prefix(key, self._last)
         else:
             self._restarts.append(len(self.buf))
             self._counter = 0
-        self.buf += encode_varint(shared) + encode_varint(len(key) - shared) + encode_varint(len(value))
+        non_shared, value_len = len(key) - shared, len(value)
+        if non_shared < 0x80 and value_len < 0x80:  # shared <= len(key): the usual one byte each
+            self.buf += bytes((shared, non_shared, value_len)) if shared < 0x80 else (
+                encode_varint(shared) + bytes((non_shared, value_len)))
+        else:
+            self.buf += encode_varint(shared) + encode_varint(non_shared) + encode_varint(value_len)
         self.buf += key[shared:]
         self.buf += value
         self._last = key
@@ -99,8 +110,9 @@ class TableBuilder:
             self._index.add(shortest_separator(self._last_key, key), self._pending)
             self._pending = None
         self._last_key = key
-        self._data.add(key, value)
-        if self._data.size_estimate() >= self._block_size:
+        data = self._data
+        data.add(key, value)
+        if len(data.buf) + 4 * len(data._restarts) + 4 >= self._block_size:  # data.size_estimate()
             self._flush()
 
     def _write_block(self, block: _BlockBuilder) -> bytes:
@@ -150,8 +162,9 @@ def _block(data: memoryview, offset: int, size: int, limit: int) -> memoryview:
     return contents
 
 
-def _block_entries(block: memoryview):
-    """Yield (key, value) from one block's contents; every length is bounds-checked."""
+def _block_entries(block):
+    """Yield (key, value bytes) from one block's contents; every length is bounds-checked."""
+    block = bytes(block)  # indexing and slicing bytes is several times cheaper than a memoryview
     n = len(block)
     if n < 4:
         raise TableFormatError("block too short for its restart count")
@@ -161,18 +174,22 @@ def _block_entries(block: memoryview):
     end = n - 4 * (num_restarts + 1)
     pos, key = 0, b""
     while pos < end:
-        shared, pos = decode_varint(block, pos, end, 5)
-        non_shared, pos = decode_varint(block, pos, end, 5)
-        value_len, pos = decode_varint(block, pos, end, 5)
+        if pos + 3 <= end and block[pos] < 0x80 and block[pos + 1] < 0x80 and block[pos + 2] < 0x80:
+            shared, non_shared, value_len = block[pos], block[pos + 1], block[pos + 2]  # the usual entry
+            pos += 3
+        else:
+            shared, pos = decode_varint(block, pos, end, 5)
+            non_shared, pos = decode_varint(block, pos, end, 5)
+            value_len, pos = decode_varint(block, pos, end, 5)
         if shared > len(key) or non_shared + value_len > end - pos:
             raise TableFormatError(f"block entry at {pos} has lengths that run past the block")
-        key = key[:shared] + bytes(block[pos:pos + non_shared])
+        key = key[:shared] + block[pos:pos + non_shared]
         pos += non_shared
         yield key, block[pos:pos + value_len]
         pos += value_len
 
 
-def read_table(data) -> dict[bytes, memoryview]:
+def read_table(data) -> dict[bytes, bytes]:
     """Parse a whole table; return {key: value}. Raises TableFormatError for any malformed input.
 
     The table is parsed from a buffer already in memory (index files are small), so a corrupted

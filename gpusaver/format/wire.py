@@ -18,7 +18,18 @@ def crc32c(data, value: int = 0) -> int:
     """CRC-32C of any buffer, extending ``value``; the GIL is released for large buffers only:
     releasing it for each of thousands of small tensors made the threads queue for it."""
     nbytes = data.nbytes if isinstance(data, (memoryview, np.ndarray)) else len(data)
-    return _crc32c.crc32c(data, value, gil_release_mode=int(nbytes >= _GIL_RELEASE_BYTES))
+    return _crc32c.crc32c(data, value, int(nbytes >= _GIL_RELEASE_BYTES))
+
+
+def crc32c_many(buffers) -> list[int]:
+    """The CRC-32C of each of many flat byte buffers (``len`` = bytes), in one call.
+
+    Models have tens of thousands of small tensors; one call per batch instead of one wrapper
+    call per tensor keeps the checksum (about 0.3 µs for 8 KiB) from costing several times that
+    in Python. As in :func:`crc32c`, the GIL is released for large buffers only.
+    """
+    crc, limit = _crc32c.crc32c, _GIL_RELEASE_BYTES
+    return [crc(b, 0, len(b) >= limit) for b in buffers]
 
 
 def mask(crc: int) -> int:
@@ -32,8 +43,19 @@ def unmask(masked: int) -> int:
     return ((r >> 17) | (r << 15)) & _U32
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))  # dtypes, dims, lengths: most varints
+
+
 def encode_varint(value: int) -> bytes:
     """Unsigned LEB128 (protobuf varint); negative int64s are encoded as their 64-bit two's complement."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
+    if 0 < value < 0x10000000:  # two to four bytes: the offsets and sizes in files below 256 MiB
+        if value < 0x4000:
+            return bytes((value & 0x7F | 0x80, value >> 7))
+        if value < 0x200000:
+            return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80, value >> 21))
     if value < 0:
         value &= (1 << 64) - 1
     out = bytearray()

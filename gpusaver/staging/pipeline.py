@@ -7,6 +7,7 @@ the consumer, within the byte budget, in data-file order; small tensors travel i
 """
 import collections
 import concurrent.futures
+import dataclasses
 import queue
 import threading
 import time
@@ -14,20 +15,24 @@ from typing import Any, Callable, Iterable, Iterator
 
 from gpusaver.format import strings
 from gpusaver.format.bundle import num_elements
+from gpusaver.format.dtypes import dtype_to_enum
 from gpusaver.format.reader import BundleReader
+from gpusaver.format.wire import crc32c_many
 from gpusaver.format.writer import BundleWriter, ShardWriter
 from gpusaver.log import log_done
 from gpusaver.options import Options
+from gpusaver.storage import for_url
 from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
 
 _QUEUE_DEPTH = 64  # staged items a producer may run ahead (memory is bounded by the pool, not this)
-_DONE = ("done", None)
 _BATCH_BYTES = 1 << 20  # consecutive small tensors up to this many bytes: one writer message, one read task
 
 
 def plan_shards(items: list[SaveItem], num_shards: int) -> list[list[SaveItem]]:
     """Split items over shards, largest first onto the lightest shard; each keeps the input order."""
+    if num_shards == 1:
+        return [list(items)]
     loads = [0] * num_shards
     owner = {}
     for i in sorted(range(len(items)), key=lambda i: -items[i].nbytes):
@@ -86,7 +91,8 @@ class SaveJob:
         opts = self._options
         # on_done (the state file, retention) commits inside the writer: if it fails, the writer
         # puts back the checkpoint files this save replaced.
-        with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync, on_commit=self._on_done) as writer:
+        with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync, on_commit=self._on_done,
+                          storage=for_url(self.prefix, opts)) as writer:
             items = self._describe()
             self._describe = None  # the caller's mapping: dropped, so staged arrays can go
             shards = plan_shards(items, opts.num_shards)
@@ -114,13 +120,14 @@ class SaveJob:
                 self.snapshot_held.set()
 
     def _produce(self, items: list[SaveItem], staging, out: queue.Queue, cancel: threading.Event):
-        def put(entry):
+        def put(message) -> bool:
             while not cancel.is_set():
                 try:
-                    out.put(entry, timeout=0.05)
+                    out.put(message, timeout=0.05)
                     return True
                 except queue.Full:
                     pass
+            message.release()  # it never reaches the writer: its buffers go back here
             return False
 
         try:
@@ -128,47 +135,57 @@ class SaveJob:
             # have thousands of them, and the queue hand-offs were most of their cost. A batch that
             # holds pool buffers is sent before staging anything that may wait for a buffer, so
             # staging never waits on buffers only the unsent batch would give back.
-            batch: list[tuple[SaveItem, list[Chunk]]] = []
-            batch_bytes, batch_holds = 0, False
-
-            def flush():
-                nonlocal batch, batch_bytes, batch_holds
-                sent = not batch or put(("tensors", batch))
-                if not sent:
-                    for _, chunks in batch:
-                        _release(chunks)
-                batch, batch_bytes, batch_holds = [], 0, False
-                return sent
-
-            for item in items:
-                if item.dtype.kind in "OSU":  # DT_STRING: encoded whole by the writer
-                    if not (flush() and put(("strings", item))):
+            batch, batch_bytes, batch_holds = _Staged([]), 0, False
+            i, n = 0, len(items)
+            views_wanted = True  # until the engine says it stages these tensors (copies, devices)
+            while i < n:
+                item = items[i]
+                small = item.nbytes <= _BATCH_BYTES and item.dtype.kind not in "OSU"
+                if not small and batch.tensors:
+                    if not put(batch):
                         return
-                    continue
-                if item.nbytes > _BATCH_BYTES:
-                    if not (flush() and put(("begin", item))):
+                    batch, batch_bytes, batch_holds = _Staged([]), 0, False
+                if item.dtype.kind in "OSU":  # DT_STRING: encoded whole by the writer
+                    if not put(_Strings(item)):
+                        return
+                elif not small:
+                    if not put(_Begin(item)):
                         return
                     for chunk in staging.chunks(item, cancel.is_set):
-                        if not put(("chunk", chunk)):
-                            chunk.release()
+                        if not put(_Piece(chunk)):
                             return
-                    if not put(("end", item)):
+                    if not put(_END):
                         return
+                elif views_wanted and not batch.tensors and (views := staging.views(run := _small_run(items, i))):
+                    # Tensors the engine hands over as they are (host arrays in reference mode):
+                    # one message and one checksum call for the whole run.
+                    if not put(_Views(run, views, crc32c_many(views))):
+                        return
+                    i += len(run)
                     continue
-                if batch_holds and staging.may_wait(item) and not flush():
-                    return
-                staged = (item, list(staging.chunks(item, cancel.is_set)))  # may stage (and wait) now
-                batch.append(staged)
-                batch_bytes += item.nbytes
-                batch_holds = batch_holds or any(chunk.holds_buffer for chunk in staged[1])
-                if batch_bytes >= _BATCH_BYTES and not flush():
-                    return
-            if not flush():
+                else:
+                    if not batch.tensors:
+                        views_wanted = False  # the engine stages these (copies, device arrays): stop asking
+                    if batch_holds and staging.may_wait(item):
+                        if not put(batch):
+                            return
+                        batch, batch_bytes, batch_holds = _Staged([]), 0, False
+                    chunks = list(staging.chunks(item, cancel.is_set))  # may stage (and wait) now
+                    batch.tensors.append((item, chunks))
+                    batch_bytes += item.nbytes
+                    batch_holds = batch_holds or any(chunk.holds_buffer for chunk in chunks)
+                    if batch_bytes >= _BATCH_BYTES:
+                        if not put(batch):
+                            return
+                        batch, batch_bytes, batch_holds = _Staged([]), 0, False
+                i += 1
+            if batch.tensors and not put(batch):
                 return
             self._staged_one_shard()
             put(_DONE)
         except BaseException as e:
-            put(("error", e))
+            batch.release()  # staged but never sent: its buffers go back
+            put(_Failed(e))
 
     def _write_shard(self, shard: ShardWriter, items: list[SaveItem], buffers):
         staged: queue.Queue = queue.Queue(self._queue_depth)
@@ -178,52 +195,124 @@ class SaveJob:
         producer.start()
         try:
             while True:
-                kind, payload = staged.get()
-                if kind == "chunk":
-                    _write_chunk(shard, payload)
-                elif kind == "tensors":
-                    try:
-                        for item, chunks in payload:
-                            shard.begin(item.name, item.dtype, item.shape)
-                            for chunk in chunks:
-                                shard.write(chunk.data, chunk.crc)
-                            shard.end()
-                    finally:
-                        for _, chunks in payload:
-                            _release(chunks)
-                elif kind == "begin":
-                    shard.begin(payload.name, payload.dtype, payload.shape)
-                elif kind == "end":
-                    shard.end()
-                elif kind == "strings":
-                    shard.add_strings(payload.name, payload.shape, strings.as_bytes_list(payload.array, payload.name))
-                elif kind == "error":
-                    raise payload
-                else:
+                message = staged.get()
+                if message is _DONE:
                     break
+                message.write(shard)
         finally:
             cancel.set()
             producer.join()
             while not staged.empty():  # hand staged buffers back to the pool
-                kind, payload = staged.get_nowait()
-                if kind == "chunk":
-                    payload.release()
-                elif kind == "tensors":
-                    for _, chunks in payload:
-                        _release(chunks)
+                staged.get_nowait().release()
 
 
-def _release(chunks: list[Chunk]):
-    for chunk in chunks:
-        chunk.release()
+def _small_run(items: list[SaveItem], i: int) -> list[SaveItem]:
+    """Consecutive small numeric tensors from ``items[i]`` on, together up to ``_BATCH_BYTES``."""
+    j, nbytes = i, 0
+    while j < len(items) and nbytes < _BATCH_BYTES:
+        item = items[j]
+        if item.nbytes > _BATCH_BYTES or item.dtype.kind in "OSU":
+            break
+        nbytes += item.nbytes
+        j += 1
+    return items[i:j]
 
 
-def _write_chunk(shard: ShardWriter, chunk: Chunk):
-    """Write one staged chunk and hand its buffer back to the pool, whatever happens."""
-    try:
-        shard.write(chunk.data, chunk.crc)
-    finally:
-        chunk.release()
+# --- messages from a shard's producer to its writer --------------------------------------------
+# Each one ``write(shard)``s itself on the writer thread; ``release()`` gives back the buffers of
+# one that will never be written (a failed or cancelled save).
+class _Message:
+    def write(self, shard: ShardWriter):
+        raise NotImplementedError
+
+    def release(self):
+        pass
+
+
+@dataclasses.dataclass
+class _Views(_Message):
+    """Consecutive small tensors as zero-copy views of the caller's arrays, with their CRCs."""
+    items: list[SaveItem]
+    views: list[memoryview]
+    crcs: list[int]
+
+    def write(self, shard):
+        dtype = enum = None
+        for item, view, crc in zip(self.items, self.views, self.crcs):
+            if item.dtype is not dtype:  # a model has a few dtypes: each converted once per run
+                dtype, enum = item.dtype, dtype_to_enum(item.dtype)
+            shard.begin(item.name, enum, item.shape)
+            shard.write(view, crc)
+            shard.end()
+
+
+@dataclasses.dataclass
+class _Staged(_Message):
+    """Consecutive small tensors, each in one chunk or a few, staged (copied or packed) by the engine."""
+    tensors: list[tuple[SaveItem, list[Chunk]]]
+
+    def write(self, shard):
+        try:
+            for item, chunks in self.tensors:
+                shard.begin(item.name, item.dtype, item.shape)
+                for chunk in chunks:
+                    shard.write(chunk.data, chunk.crc)
+                shard.end()
+        finally:
+            self.release()
+
+    def release(self):
+        for _, chunks in self.tensors:
+            for chunk in chunks:
+                chunk.release()
+        self.tensors = []
+
+
+@dataclasses.dataclass
+class _Begin(_Message):
+    item: SaveItem
+
+    def write(self, shard):
+        shard.begin(self.item.name, self.item.dtype, self.item.shape)
+
+
+@dataclasses.dataclass
+class _Piece(_Message):
+    """One chunk of a large tensor; its buffer goes back to the pool once written, whatever happens."""
+    chunk: Chunk
+
+    def write(self, shard):
+        try:
+            shard.write(self.chunk.data, self.chunk.crc)
+        finally:
+            self.chunk.release()
+
+    def release(self):
+        self.chunk.release()
+
+
+class _End(_Message):
+    def write(self, shard):
+        shard.end()
+
+
+@dataclasses.dataclass
+class _Strings(_Message):
+    item: SaveItem
+
+    def write(self, shard):
+        shard.add_strings(self.item.name, self.item.shape, strings.as_bytes_list(self.item.array, self.item.name))
+
+
+@dataclasses.dataclass
+class _Failed(_Message):
+    error: BaseException
+
+    def write(self, shard):
+        raise self.error
+
+
+_END, _DONE = _End(), _Message()
 
 
 # --- load -------------------------------------------------------------------------------------
@@ -239,23 +328,21 @@ def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], opti
     ``buffer_budget`` (one batch is always allowed, however large), so host memory holds at most
     the budget plus one tensor beyond what the consumer keeps.
     """
-    def position(request):
-        e = reader.entry(request[0])
-        return e.shard_id, e.offset
-
-    def size_of(name):
-        e = reader.entry(name)
-        return e.size if not e.slices else num_elements(e.shape) * max(reader.dtype(name).itemsize, 1)
-
+    # One index lookup per request (models have tens of thousands): its place and its bytes.
+    requests = list(requests)
+    entries = [reader.entry(name) for name, _ in requests]
+    where = [(e.shard_id, e.offset) for e in entries]
+    order = sorted(range(len(requests)), key=where.__getitem__)  # stable, as the file order is
     batches: list[list[tuple[str, Device]]] = []
     sizes: list[int] = []
-    for request in sorted(requests, key=position):
-        size = size_of(request[0])
+    for i in order:
+        e = entries[i]
+        size = e.size if not e.slices else num_elements(e.shape) * max(reader.dtype(requests[i][0]).itemsize, 1)
         if batches and sizes[-1] + size <= _BATCH_BYTES:
-            batches[-1].append(request)
+            batches[-1].append(requests[i])
             sizes[-1] += size
         else:
-            batches.append([request])
+            batches.append([requests[i]])
             sizes.append(size)
 
     inflight: collections.deque = collections.deque()

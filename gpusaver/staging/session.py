@@ -64,6 +64,8 @@ def plan_groups(items: list[SaveItem], threshold: int, limit: int) -> list[PackG
     ``threshold`` bytes on one device, each run's packed size at most ``limit`` bytes."""
     threshold = min(threshold, limit)
     groups: list[PackGroup] = []
+    if threshold <= 0:  # packing off (reference mode's views): no run can form
+        return groups
     run: list[SaveItem] = []
     offsets: list[int] = []
     end = 0
@@ -107,6 +109,11 @@ class GroupedStaging:
         """Whether staging ``item`` may wait for a buffer to be given back."""
         group = self._group_of.get(id(item))
         return self._dest_waits and (group is None or not group.staged)
+
+    def views(self, items: list[SaveItem]) -> list | None:
+        """Byte views of ``items`` (consecutive small tensors) to write as they are, each one
+        chunk, or None where they must be staged through :meth:`chunks` (copies, device arrays)."""
+        return None
 
     def chunks(self, item: SaveItem, cancelled=lambda: False) -> Iterable[Chunk]:
         group = self._group_of.get(id(item))

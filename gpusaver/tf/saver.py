@@ -217,7 +217,7 @@ class Saver:
         if ledger is None:
             same_name = re.compile(re.escape(base) + r"(-\d+)?")
             ledger = Retention(directory, self._max_to_keep, manages=lambda n: bool(same_name.fullmatch(n)),
-                               fsync=self._options.fsync)
+                               fsync=self._options.fsync, options=self._options)
             self._ledgers[directory] = ledger
         return ledger.commit(prefix)
 

@@ -1,0 +1,90 @@
+"""What the CPU benches (with and without TensorFlow) share: clean starts and the disk's raw limits.
+
+TensorFlow-free, so the peers bench (:mod:`gpusaver.bench.peers`) runs where TF is not installed.
+"""
+import os
+import re
+import shutil
+
+import numpy as np
+
+from gpusaver.bench import MiB, Case, timed
+
+_LIMIT_BUFFER = 256 * MiB  # limits cycle through one buffer pair: same bytes moved, bounded memory
+_WRITE_PIECE = 64 * MiB  # "large writes" for the plain-write limit
+
+
+def fresh(directory: str):
+    """Remove a contender's previous output and flush dirty pages, so each save starts alike."""
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    os.sync()
+
+
+def warm_free_memory(nbytes: int):
+    """Touch and free ``nbytes`` (at most half the free memory) just before a timed operation.
+
+    On VMs with free page reporting (virtio-balloon), memory left free for ~2 s goes back to the
+    host and the next touch of it costs ~10x (seen on the 2-core bench VM: 2 GiB faulted in 0.28 s
+    warm, 2.5 s after 5 s idle). Page-cache writes and fresh restore buffers would pay that at
+    random, depending on what ran before; this gives every contender the same warm free pages.
+    """
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    np.ones(min(nbytes, free // 2), dtype=np.uint8)  # dropped at once: the pages return warm
+
+
+def fsync_tree(directory: str):
+    """fsync every file in ``directory`` and the directory itself (what gpusaver's fsync=True does)."""
+    for entry in os.scandir(directory):
+        with open(entry.path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+# --- raw limits --------------------------------------------------------------------------------
+def limit_cases(nbytes: int, path: str, setup, read_setup) -> list[Case]:
+    """Plain write of ``nbytes`` to ``path`` (large writes, one file), write + fsync, memcpy, read-back.
+
+    ``setup`` gives the writes (and the memcpy) the same start as the saves, ``read_setup`` the
+    read-back the same start as the restores.
+    """
+    src = np.full(_LIMIT_BUFFER, 7, dtype=np.uint8)
+    dst = np.zeros(_LIMIT_BUFFER, dtype=np.uint8)  # touched, so the memcpy pays no page faults
+
+    def pieces():
+        done = 0
+        while done < nbytes:
+            offset = done % _LIMIT_BUFFER
+            n = min(_WRITE_PIECE, nbytes - done, _LIMIT_BUFFER - offset)
+            yield offset, n
+            done += n
+
+    def write(fsync=False):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb", buffering=0) as f:
+            for offset, n in pieces():
+                f.write(memoryview(src)[offset:offset + n])
+            if fsync:
+                os.fsync(f.fileno())
+
+    def memcpy():
+        for offset, n in pieces():
+            np.copyto(dst[offset:offset + n], src[offset:offset + n])
+
+    def read():
+        with open(path, "rb", buffering=0) as f:
+            for offset, n in pieces():
+                f.readinto(memoryview(dst)[offset:offset + n])
+
+    return [Case("limit: write", "save", lambda: timed(write), setup),
+            Case("limit: memcpy", "save", lambda: timed(memcpy), setup),
+            Case("limit: write + fsync", "fsync", lambda: timed(lambda: write(True)), setup),
+            Case("limit: read", "restore", lambda: timed(read), read_setup)]
