@@ -5,7 +5,6 @@ so a checkpoint of any size is checked in bounded memory (a string tensor, which
 piecewise, is read whole).
 """
 import json
-import os
 import sys
 import time
 
@@ -17,6 +16,7 @@ from gpusaver.errors import CorruptCheckpointError, GpusaverError
 from gpusaver.format import BundleReader, naming
 from gpusaver.format.bundle import num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
+from gpusaver.storage import for_url
 from gpusaver.format.state import latest_checkpoint, read_state
 from gpusaver.format.wire import crc32c
 
@@ -237,7 +237,7 @@ def run_diff(args) -> int:
 
 # --- latest -------------------------------------------------------------------------------------
 def run_latest(args) -> int:
-    if not os.path.isdir(args.dir):
+    if not for_url(args.dir).isdir(args.dir):
         raise CommandError(f"{args.dir!r} is not a directory")
     prefix = latest_checkpoint(args.dir)
     if prefix is None:

@@ -6,9 +6,11 @@ import sys
 import numpy as np
 
 from gpusaver.cli._common import CommandError, human_bytes, quiet_native_stderr, resolve_prefix
+from gpusaver.errors import GpusaverError
 from gpusaver.format import BundleReader, naming
 from gpusaver.format.bundle import num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
+from gpusaver.storage import for_url
 
 #: The scalar string tensor in which tf.train.Checkpoint stores its TrackableObjectGraph proto.
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
@@ -76,10 +78,22 @@ def listing(prefix: str) -> dict:
         for row in rows:
             if row["name"] in names:
                 row["object"] = names[row["name"]]
-    sizes = {f: (os.path.getsize(f) if os.path.exists(f) else None) for f in files}
+    sizes = {f: _size(f) for f in files}
     return {"prefix": prefix, "num_shards": len(files) - 1, "tensors": rows,
             "total_tensors": len(rows), "total_bytes": sum(r["bytes"] or 0 for r in rows),
             "files": sizes, "object_graph": names is not None}
+
+
+def _size(path: str) -> int | None:
+    """A file's or object's bytes (local or URL), None where it is missing."""
+    try:
+        handle = for_url(path).open_read(path)
+    except GpusaverError:
+        return None
+    try:
+        return handle.size
+    finally:
+        handle.close()
 
 
 def _shape(shape) -> str:
