@@ -258,3 +258,20 @@ def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh
     options = gpusaver.Options(storage_options=seaweed.storage_options())
     gpusaver.save(s3_url + "/model", {"a": np.ones(3)}, options)
     assert gpusaver.load(s3_url + "/model", options=options)["a"].tolist() == [1, 1, 1]
+
+
+def test_checkpoint_manager_on_s3_keeps_its_newest_and_recovers_after_a_restart(s3, tf):
+    url, options = s3
+    v = tf.Variable(np.zeros(4, np.float32))
+    manager = gpusaver.CheckpointManager(gpusaver.Checkpoint(v=v, options=options), url + "/run", max_to_keep=2)
+    for step in range(3):
+        v.assign(np.full(4, step, np.float32))
+        manager.save()
+    assert manager.checkpoints == [url + "/run/ckpt-2", url + "/run/ckpt-3"]
+    names = [o.rsplit("/", 1)[-1] for o in _objects(url + "/run", options)]
+    assert not [n for n in names if n.startswith("ckpt-1.")]  # retention deleted the oldest's objects
+    restarted = gpusaver.CheckpointManager(gpusaver.Checkpoint(v=v, options=options), url + "/run", max_to_keep=2)
+    assert restarted.latest_checkpoint == url + "/run/ckpt-3"
+    v.assign(np.zeros(4, np.float32))
+    restarted.restore_or_initialize()
+    np.testing.assert_array_equal(v.numpy(), np.full(4, 2, np.float32))

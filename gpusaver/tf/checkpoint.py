@@ -354,6 +354,15 @@ class Checkpoint(tf.train.Checkpoint):
             raise error
 
     # -- restore -------------------------------------------------------------------------------
+    def restore(self, save_path, options=None):
+        """``tf.train.Checkpoint.restore`` (the save counter included), values read by :meth:`read`."""
+        # TF creates the save counter after reading, so TF's own RestoreV2 would fill it from the
+        # files on creation (and RestoreV2 cannot open s3:// URLs); made first, it is read with the rest.
+        make_counter = getattr(self, "_maybe_create_save_counter", None)
+        if make_counter is not None and tf.executing_eagerly():
+            make_counter()
+        return super().restore(save_path, options)
+
     def read(self, save_path, options=None):
         """Read a checkpoint written by :meth:`write` or :meth:`save` (here or by TF).
 
