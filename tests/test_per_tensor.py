@@ -198,3 +198,40 @@ def test_load_in_any_order_gives_each_key_its_value(tmp_path):
     assert all(np.array_equal(loaded[k], tensors[k]) for k in keys)
     with BundleReader(str(tmp_path / "c")) as reader:
         assert reader.entry("k00007") == Entry.decode(Entry(**vars(reader.entry("k00007"))).encode())
+
+
+def test_add_views_writes_the_same_bytes_as_begin_write_end(tmp_path):
+    from gpusaver.format.dtypes import DataType
+    from gpusaver.format.wire import crc32c
+    from gpusaver.format.writer import BundleWriter
+    arrays = {f"t{i:03d}": np.arange(i + 1, dtype=np.float32 if i % 2 else np.int64) for i in range(50)}
+    enums = {np.dtype(np.float32): DataType.FLOAT, np.dtype(np.int64): DataType.INT64}
+    with BundleWriter(str(tmp_path / "one")) as w:
+        for name, a in arrays.items():
+            w.begin(name, enums[a.dtype], a.shape)
+            w.write(memoryview(a).cast("B"))
+            w.end()
+    with BundleWriter(str(tmp_path / "many")) as w:
+        views = [memoryview(a).cast("B") for a in arrays.values()]
+        w.shard(0).add_views(list(arrays), [enums[a.dtype] for a in arrays.values()],
+                             [a.shape for a in arrays.values()], views, [crc32c(v) for v in views])
+    for suffix in (".index", ".data-00000-of-00001"):
+        assert (tmp_path / ("one" + suffix)).read_bytes() == (tmp_path / ("many" + suffix)).read_bytes()
+
+
+def test_add_views_refuses_a_wrong_size_or_a_name_twice_before_writing(tmp_path):
+    from gpusaver.errors import MismatchError
+    from gpusaver.format.dtypes import DataType
+    from gpusaver.format.writer import BundleWriter
+    w = BundleWriter(str(tmp_path / "m"))
+    shard = w.shard(0)
+    v = memoryview(np.ones(4, np.float32)).cast("B")
+    with pytest.raises(MismatchError, match="'b'.*16 bytes.*needs 20"):
+        shard.add_views(["a", "b"], [DataType.FLOAT] * 2, [(4,), (5,)], [v, v], [0, 0])
+    with pytest.raises(MismatchError, match="'a' added twice"):
+        shard.add_views(["a", "a"], [DataType.FLOAT] * 2, [(4,), (4,)], [v, v], [0, 0])
+    assert shard.offset == 0  # nothing was written
+    shard.add_views(["a"], [DataType.FLOAT], [(4,)], [v], [0])
+    with pytest.raises(MismatchError, match="'a' added twice"):
+        shard.add_views(["a"], [DataType.FLOAT], [(4,)], [v], [0])
+    w.abort()

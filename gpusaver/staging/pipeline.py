@@ -238,12 +238,13 @@ class _Views(_Message):
 
     def write(self, shard):
         dtype = enum = None
-        for item, view, crc in zip(self.items, self.views, self.crcs):
+        enums = []
+        for item in self.items:
             if item.dtype is not dtype:  # a model has a few dtypes: each converted once per run
                 dtype, enum = item.dtype, dtype_to_enum(item.dtype)
-            shard.begin(item.name, enum, item.shape)
-            shard.write(view, crc)
-            shard.end()
+            enums.append(enum)
+        shard.add_views([item.name for item in self.items], enums, [item.shape for item in self.items],
+                        self.views, self.crcs)
 
 
 @dataclasses.dataclass
