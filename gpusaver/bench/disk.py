@@ -3,6 +3,7 @@
 TensorFlow-free, so the peers bench (:mod:`gpusaver.bench.peers`) runs where TF is not installed.
 """
 import os
+import time
 import re
 import shutil
 
@@ -88,3 +89,17 @@ def limit_cases(nbytes: int, path: str, setup, read_setup) -> list[Case]:
             Case("limit: memcpy", "save", lambda: timed(memcpy), setup),
             Case("limit: write + fsync", "fsync", lambda: timed(lambda: write(True)), setup),
             Case("limit: read", "restore", lambda: timed(read), read_setup)]
+
+
+def fresh_folder(parent: str = ".", stem: str = "gpusaver-bench") -> str:
+    """A new folder ``parent/stem-YYYYmmdd-HHMMSS[-N]``: a run never overwrites an earlier one's
+    results. Raises FileExistsError when a thousand such names are taken."""
+    base = os.path.join(parent, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for n in range(1, 1000):
+        path = base if n == 1 else f"{base}-{n}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot make a fresh folder next to {base!r}")

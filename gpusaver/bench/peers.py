@@ -18,12 +18,11 @@ import gc
 import os
 import shlex
 import sys
-import time
 
 import numpy as np
 
 from gpusaver.bench import GiB, MiB, Case, Workload, interleave
-from gpusaver.bench.disk import fresh, limit_cases, slug, warm_free_memory
+from gpusaver.bench.disk import fresh, fresh_folder, limit_cases, slug, warm_free_memory
 from gpusaver.bench.peer_impls import Baseline, available_peers, fingerprints
 
 CORE = "gpusaver (core)"
@@ -192,7 +191,7 @@ def main(argv=None) -> int:
     workloads = [Workload(k, s, d.strip(), tiny=a.tiny) for s in sizes for k in kinds for d in a.dtypes.split(",")]
     runs = a.runs if a.runs is not None else (1 if a.tiny else 3)
     warmup = a.warmup if a.warmup is not None else (0 if a.tiny else 1)
-    out = a.out or _fresh_folder()
+    out = a.out or fresh_folder(stem="gpusaver-peers")
     scratch = a.scratch or os.path.join(out, "scratch.tmp")
     records = [bench_peers(w, runs, warmup, os.path.join(scratch, slug(w.label)), a.baseline) for w in workloads]
     if not a.scratch:
@@ -208,18 +207,6 @@ def main(argv=None) -> int:
     for line in bad:
         print(f"ERROR: {line}", file=sys.stderr)
     return 1 if bad else 0
-
-
-def _fresh_folder(stem: str = "gpusaver-peers") -> str:
-    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in range(1, 1000):
-        path = base if n == 1 else f"{base}-{n}"
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            continue
-    raise SystemExit(f"cannot make a fresh folder next to {base!r}")
 
 
 if __name__ == "__main__":

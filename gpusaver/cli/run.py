@@ -4,7 +4,6 @@ import shlex
 import shutil
 import sys
 import tempfile
-import time
 
 from gpusaver.cli._common import CommandError, import_tensorflow, quiet_native_stderr
 
@@ -28,15 +27,11 @@ def _workloads(args):
 
 def fresh_folder(parent: str = ".", stem: str = "gpusaver-bench") -> str:
     """A new folder ``parent/stem-YYYYmmdd-HHMMSS[-N]``: a run never overwrites an earlier one's results."""
-    base = os.path.join(parent, f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    for n in range(1, 1000):
-        path = base if n == 1 else f"{base}-{n}"
-        try:
-            os.makedirs(path)
-            return path
-        except FileExistsError:
-            continue
-    raise CommandError(f"cannot make a fresh folder next to {base!r}")
+    from gpusaver.bench.disk import fresh_folder as make
+    try:
+        return make(parent, stem)
+    except FileExistsError as e:
+        raise CommandError(str(e)) from None
 
 
 def failures(cpu_records: list[dict], gpu_record: dict | None) -> list[str]:

@@ -31,7 +31,7 @@ except ImportError:  # not POSIX: no directory locks
     fcntl = None
 
 from gpusaver.errors import CorruptCheckpointError, io_error
-from gpusaver.storage.local import temp_path
+from gpusaver.storage.local import discard, temp_path
 
 _SUFFIX = ".gpusaver-journal"
 
@@ -100,8 +100,8 @@ class Journal:
                 journal._write("replacing")  # now also says which files existed and which links exist
         except BaseException:
             for f in journal.files:
-                _discard(f["backup"])
-            _discard(journal.path)
+                discard(f["backup"])
+            discard(journal.path)
             raise
         return journal
 
@@ -117,20 +117,20 @@ class Journal:
                     os.fsync(out.fileno())
             os.replace(temp, self.path)
         except OSError as e:
-            _discard(temp)
+            discard(temp)
             raise io_error(e, self.path, "writing the commit journal") from e
 
     def finish(self):
         """The commit is done: drop the kept files, then the journal."""
         for f in self.files:
-            _discard(f["backup"])
-        _discard(self.path)
+            discard(f["backup"])
+        discard(self.path)
 
     def roll_back(self):
         """Put the replaced files back and remove the new ones; safe to repeat after a crash."""
         self._write("rolling back")
         _restore(self.files)
-        _discard(self.path)
+        discard(self.path)
 
 
 def _restore(files: list[dict]):
@@ -143,12 +143,12 @@ def _restore(files: list[dict]):
             temp = temp_path(f["path"])
             os.link(f["backup"], temp)
             os.replace(temp, f["path"])
-            _discard(temp)  # rename between two links to one file does nothing (POSIX)
+            discard(temp)  # rename between two links to one file does nothing (POSIX)
         elif f["existed"] is False:
-            _discard(f["path"])
-        _discard(f["new"])
+            discard(f["path"])
+        discard(f["new"])
     for f in files:
-        _discard(f["backup"])
+        discard(f["backup"])
 
 
 def recover(prefix: str) -> bool:
@@ -174,18 +174,10 @@ def recover(prefix: str) -> bool:
     try:
         if phase == "replacing" and index_renamed:
             for f in files:  # committed: the kept old files are no longer needed
-                _discard(f["backup"])
+                discard(f["backup"])
         else:
             _restore(files)
         os.remove(path)
     except OSError as e:
         raise io_error(e, path, "repairing an interrupted checkpoint commit") from e
     return True
-
-
-def _discard(path: str | None):
-    if path is not None:
-        try:
-            os.remove(path)
-        except OSError:
-            pass

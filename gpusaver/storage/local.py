@@ -21,7 +21,8 @@ def temp_path(path: str) -> str:
     return f"{path}.tempstate{int.from_bytes(os.urandom(8), 'little')}"
 
 
-def _remove(path: str | None):
+def discard(path: str | None):
+    """Remove ``path`` if it is there; errors are ignored (cleanup of what a failed step left)."""
     if path is not None:
         try:
             os.remove(path)
@@ -68,7 +69,7 @@ class LocalWriteStream(WriteStream):
             self._file.close()
         except Exception:
             pass
-        _remove(self.temp_path)
+        discard(self.temp_path)
 
 
 class LocalReadHandle(ReadHandle):
@@ -134,7 +135,7 @@ class LocalStorage(Storage):
                     os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException as e:
-            _remove(tmp)
+            discard(tmp)
             if isinstance(e, OSError):
                 raise io_error(e, path, what) from e
             raise
