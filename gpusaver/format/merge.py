@@ -18,6 +18,7 @@ from gpusaver.format.bundle import MAX_SHARDS
 from gpusaver.format.proto import Entry
 from gpusaver.format.reader import BundleReader
 from gpusaver.format.table import TableBuilder
+from gpusaver.storage import LocalStorage
 
 
 def merge(prefixes: list[str], destination: str, *, delete_old: bool = True, fsync: bool = False) -> str:
@@ -49,27 +50,22 @@ def merge(prefixes: list[str], destination: str, *, delete_old: bool = True, fsy
     for key in sorted(entries):
         table.add(key, entries[key].encode())
     index = naming.index_path(destination)
-    temp = naming.temp_path(index)
-    directory = os.path.dirname(os.fspath(destination))
+    store = LocalStorage()  # the data files move by rename: inputs and destination are local
+    store.makedirs(os.path.dirname(os.fspath(destination)))
+    # The index is written (under a temporary name) before any data file moves, so a full disk
+    # fails the merge while the inputs are still whole.
+    stream = store.open_write(index, fsync, "writing the merged checkpoint index")
     try:
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        with open(temp, "wb") as f:
-            f.write(table.finish())
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
+        stream.write(table.finish())
+        stream.close()
         for new_id, (prefix, shard, num_shards) in enumerate(renames):
             src = naming.data_path(prefix, shard, num_shards)
             dst = naming.data_path(destination, new_id, total)
             if os.path.abspath(src) != os.path.abspath(dst):
                 _rename(src, dst)
-        _rename(temp, index)  # last: the merged checkpoint exists from here on
+        stream.commit()  # last: the merged checkpoint exists from here on
     except BaseException:
-        try:
-            os.remove(temp)
-        except OSError:
-            pass
+        stream.discard()
         raise
     if delete_old:
         for prefix in prefixes:

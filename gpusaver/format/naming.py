@@ -1,6 +1,4 @@
 """File names of a bundle and the OrderedCode keys of partitioned-variable slices."""
-import os
-
 from gpusaver.format.proto import Extent
 
 
@@ -10,11 +8,6 @@ def index_path(prefix: str) -> str:
 
 def data_path(prefix: str, shard: int, num_shards: int) -> str:
     return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
-
-
-def temp_path(path: str) -> str:
-    """A unique sibling name for writing ``path`` before the atomic rename (TF uses the same suffix)."""
-    return f"{path}.tempstate{int.from_bytes(os.urandom(8), 'little')}"
 
 
 def _num_increasing(value: int) -> bytes:
