@@ -18,16 +18,14 @@ the survivors raise :class:`~gpusaver.errors.CheckpointIOError` after at most
 directory (one machine, or a shared file system), as the chief renames the others' files.
 """
 import concurrent.futures
-import glob
-import os
 
 import numpy as np
 import tensorflow as tf
 
 from gpusaver import core
 from gpusaver.errors import CheckpointIOError
-from gpusaver.format import naming
 from gpusaver.format.merge import merge
+from gpusaver.manager import remove_checkpoint
 
 
 class Cluster:
@@ -149,17 +147,19 @@ def _commit(cluster: Cluster, prefix: str, parts: list[str], error, options, on_
 
 
 def _nbytes(tensor) -> int:
+    """About the bytes ``tensor`` will take, only to balance the split (every worker computes the
+    same): from its static shape, with no TF op per tensor."""
     if isinstance(tensor, np.ndarray):  # e.g. the object graph of an object-based checkpoint
         return tensor.size * 16 if tensor.dtype == object else tensor.nbytes
-    if tensor.dtype == tf.string:
-        return int(tf.size(tensor)) * 16  # unknown until encoded; a rough share is enough
-    return int(tf.size(tensor)) * tensor.dtype.size
+    if getattr(tensor, "shape", None) is None:  # a GPU tensor already exported as a DLPack capsule
+        return 1  # its size is not at hand here: such tensors are split by count
+    count = tensor.shape.num_elements() or 0
+    return count * 16 if tensor.dtype == tf.string else count * tensor.dtype.size
 
 
 def _discard(part: str):
-    """Remove this worker's part (its index and data files), if any is left."""
-    for path in [naming.index_path(part)] + glob.glob(glob.escape(part) + ".data-*"):
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+    """Remove this worker's part, if any of it is left (cleanup under another error: best effort)."""
+    try:
+        remove_checkpoint(part)
+    except OSError:
+        pass
