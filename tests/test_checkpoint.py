@@ -301,3 +301,10 @@ def test_python_state_partial_restore_and_expect_partial(tmp_path):
         status.assert_consumed()  # `extra` has nothing to go into
     status.expect_partial()
     assert notes3.text == "épochs: 3" and float(v3.numpy()) == 1.5
+
+
+def test_object_graph_key_is_tensorflows():
+    from tensorflow.python.trackable import base as trackable_base
+
+    from gpusaver.format.naming import OBJECT_GRAPH_KEY
+    assert OBJECT_GRAPH_KEY == trackable_base.OBJECT_GRAPH_PROTO_KEY

@@ -8,12 +8,12 @@ import numpy as np
 from gpusaver.cli._common import CommandError, human_bytes, quiet_native_stderr, resolve_prefix
 from gpusaver.errors import GpusaverError
 from gpusaver.format import BundleReader, naming
+from gpusaver.format.naming import OBJECT_GRAPH_KEY
 from gpusaver.format.bundle import num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
 from gpusaver.storage import for_url
 
 #: The scalar string tensor in which tf.train.Checkpoint stores its TrackableObjectGraph proto.
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 def dtype_name(dtype: int) -> str:

@@ -1,6 +1,10 @@
 """File names of a bundle and the OrderedCode keys of partitioned-variable slices."""
 from gpusaver.format.proto import Extent
 
+# The tensor an object-based checkpoint (tf.train.Checkpoint) keeps its TrackableObjectGraph in:
+# metadata, not a value.
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+
 
 def index_path(prefix: str) -> str:
     return f"{prefix}.index"

@@ -34,19 +34,18 @@ from tensorflow.python.checkpoint import checkpoint as tf_checkpoint
 from tensorflow.python.checkpoint import restore as restore_lib
 from tensorflow.python.checkpoint import save_util
 from tensorflow.python.ops import resource_variable_ops
-from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.training.saving import saveable_object, saveable_object_util
 
 from gpusaver import core, storage
 from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
 from gpusaver.errors import MissingKeysError, UnsupportedError
+from gpusaver.format.naming import OBJECT_GRAPH_KEY
 from gpusaver.format.reader import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
 from gpusaver.options import Options
 from gpusaver.staging.devices import CPU
 
-OBJECT_GRAPH_KEY = getattr(trackable_base, "OBJECT_GRAPH_PROTO_KEY", "_CHECKPOINTABLE_OBJECT_GRAPH")
 _VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 
 
