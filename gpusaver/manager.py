@@ -209,7 +209,7 @@ class Retention:
         return prefix
 
 
-def _as_int(value, what: str) -> int:
+def as_int(value, what: str) -> int:
     """An int from an int, numpy integer, or a TF tensor / variable holding one."""
     if hasattr(value, "numpy"):
         value = value.numpy()
@@ -334,7 +334,7 @@ class CheckpointManager:
         with self._lock:
             raise_unobserved(self._inflight)
             if self._checkpoint_interval is not None:
-                current = _as_int(self._step_counter, "step_counter")
+                current = as_int(self._step_counter, "step_counter")
                 last = self._last_checkpoint_step
                 if last is not None and (current == last or
                                          (check_interval and current < last + self._checkpoint_interval)):
@@ -365,7 +365,7 @@ class CheckpointManager:
         if latest is not None:
             self._checkpoint.restore(latest)
             if self._checkpoint_interval is not None:
-                self._last_checkpoint_step = _as_int(self._step_counter, "step_counter")
+                self._last_checkpoint_step = as_int(self._step_counter, "step_counter")
             return latest
         if self._init_fn is not None:
             self._init_fn()
@@ -378,11 +378,11 @@ class CheckpointManager:
         if counter is not None:
             counter.assign_add(1)
         if checkpoint_number is not None:
-            return _as_int(checkpoint_number, "checkpoint_number")
+            return as_int(checkpoint_number, "checkpoint_number")
         if counter is not None:
-            return _as_int(counter, "save_counter")
+            return as_int(counter, "save_counter")
         if self._step_counter is not None:
-            return _as_int(self._step_counter, "step_counter")
+            return as_int(self._step_counter, "step_counter")
         return self._counter
 
     def _write(self, prefix: str, options) -> concurrent.futures.Future:

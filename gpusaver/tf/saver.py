@@ -6,28 +6,20 @@ import re
 import threading
 import time
 
-import numpy as np
-
 from gpusaver import core, storage
 from gpusaver.errors import InvalidArgumentError, MissingKeysError, NotConsumedError, closest_names, without_numbering
 from gpusaver.format import paths
+from gpusaver.format.naming import OBJECT_GRAPH_KEY
 from gpusaver.format.reader import BundleReader
 from gpusaver.log import log_done
 from gpusaver.futures import SaveFuture, raise_unobserved
-from gpusaver.manager import Retention, check_max_to_keep
+from gpusaver.manager import Retention, as_int, check_max_to_keep
 from gpusaver.options import Options
 from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
 from gpusaver.staging.devices import Device
 
-OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"  # metadata of object-based checkpoints, not a value
 _SHOWN = 20  # names listed in a message
-
-
-def _step(global_step) -> int:
-    if hasattr(global_step, "numpy"):
-        global_step = global_step.numpy()
-    return int(np.asarray(global_step))
 
 
 def _missing_fix(missing: list[str], keys: list[str], closest: dict) -> str:
@@ -155,7 +147,7 @@ class Saver:
         prefix = paths.for_write(file_prefix, "Saver.save", self._options)
         base = os.path.basename(prefix)
         if global_step is not None:
-            prefix = f"{prefix}-{_step(global_step)}"
+            prefix = f"{prefix}-{as_int(global_step, 'global_step')}"
         return self._gpusaver_write(prefix, functools.partial(self._commit, base=base))
 
     def save(self, file_prefix: str, global_step=None) -> str:
