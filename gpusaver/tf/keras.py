@@ -30,14 +30,6 @@ from gpusaver.tf.checkpoint import Checkpoint
 __all__ = ["CheckpointCallback"]
 
 
-def make_manager(checkpoint, directory: str, max_to_keep, keep_checkpoint_every_n_hours):
-    """The checkpoint manager the callback saves and finds checkpoints through: gpusaver's, whose
-    ``save_async`` returns once the snapshot is held and commits (state file, retention) when the
-    files are complete."""
-    return CheckpointManager(checkpoint, directory, max_to_keep=max_to_keep,
-                             keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours)
-
-
 class _TfKerasResume:
     """What tf-keras's ``fit`` asks of ``model._training_state`` (its ``WorkerTrainingState``):
     the epoch and step to start at, called right after ``on_train_begin``."""
@@ -159,8 +151,10 @@ class CheckpointCallback(keras.callbacks.Callback):
         if getattr(model, "optimizer", None) is not None:
             parts["optimizer"] = model.optimizer
         self._checkpoint = Checkpoint(**parts)
-        self._manager = make_manager(self._checkpoint, self.directory, self.max_to_keep,
-                                     self.keep_checkpoint_every_n_hours)
+        # gpusaver's manager: save_async returns once the snapshot is held; the state file and
+        # retention follow when the files are complete.
+        self._manager = CheckpointManager(self._checkpoint, self.directory, max_to_keep=self.max_to_keep,
+                                          keep_checkpoint_every_n_hours=self.keep_checkpoint_every_n_hours)
         self._for_model = model
 
     def _save(self, epoch: int, step: int):
