@@ -10,13 +10,12 @@ import numpy as np
 
 from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError
 from gpusaver.format import naming, strings
-from gpusaver.storage import commit
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
 from gpusaver.format.table import TableFormatError, read_table
 from gpusaver.format.wire import crc32c, mask
-from gpusaver.storage import LocalStorage, ReadHandle, Storage, for_url
+from gpusaver.storage import LocalStorage, ReadHandle, Storage, commit, for_url
 
 _READ_PIECE = 1 << 20  # local reads go in pieces this size (cache-sized: each is checksummed while hot)
 

@@ -16,13 +16,12 @@ import numpy as np
 
 from gpusaver.errors import MismatchError, io_error
 from gpusaver.format import naming, strings
-from gpusaver.storage import commit
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
 from gpusaver.format.table import TableBuilder
 from gpusaver.format.wire import crc32c, crc32c_combine, mask
-from gpusaver.storage import LocalStorage, Storage, for_url
+from gpusaver.storage import LocalStorage, Storage, commit, for_url
 
 
 @functools.lru_cache(maxsize=None)
