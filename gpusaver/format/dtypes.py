@@ -69,8 +69,8 @@ _STRING_KINDS = ("O", "S", "U")
 def enum_to_dtype(value: int) -> np.dtype:
     """numpy dtype for a DataType value; ``object`` for DT_STRING. Raises UnsupportedError for others."""
     try:
-        return _TO_NUMPY[DataType(value)]
-    except ValueError:
+        return _TO_NUMPY[value]  # an int finds its DataType key: IntEnum members hash and compare as ints
+    except KeyError:
         raise UnsupportedError(f"checkpoint dtype enum {value} is not supported by gpusaver") from None
 
 

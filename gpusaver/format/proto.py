@@ -12,7 +12,7 @@ _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
 _MAX_DIMS = 254  # TensorShape's own limit; a larger count can only be garbage
 _U32 = struct.Struct("<I")
 # Tags of BundleEntryProto's scalar fields (field << 3 | wire type), as the fast paths meet them.
-_T_DTYPE, _T_SHAPE, _T_SHARD, _T_OFFSET, _T_SIZE, _T_CRC = 0x08, 0x12, 0x18, 0x20, 0x28, 0x35
+T_DTYPE, T_SHAPE, T_SHARD, T_OFFSET, T_SIZE, T_CRC = 0x08, 0x12, 0x18, 0x20, 0x28, 0x35
 # A model's tensors share a handful of shapes: their encodings are kept, so a checkpoint of
 # 30,000 tensors encodes (and decodes) each distinct shape once. Bounded: cleared when full.
 _SHAPE_CACHE_MAX = 4096
@@ -120,7 +120,7 @@ class Entry:
     def encode(self) -> bytes:
         # Fields in number order, zeros omitted: what protobuf's serializer (and so TF) writes.
         dtype = self.dtype
-        out = (_DTYPE_FIELD[dtype] if 0 < dtype < 0x80 else _varint_field(1, dtype)) + _shape_field(self.shape)
+        out = (_DTYPE_FIELD[dtype] if 0 < dtype < 0x80 else _varint_field(1, dtype)) + shape_field(self.shape)
         if self.shard_id:
             out += b"\x18" + encode_varint(self.shard_id)
         if self.offset:
@@ -143,6 +143,17 @@ class Entry:
         return b"".join(out)
 
     @classmethod
+    def plain(cls, dtype: int, shape: tuple, shard_id: int, offset: int, size: int, crc32c: int) -> "Entry":
+        """An entry without slices, from values already checked. The frozen dataclass's __init__
+        sets each field through object.__setattr__ (~2 µs, as much as decoding the entry); the
+        instance's dict is filled directly instead ("slices" stays the class default)."""
+        entry = object.__new__(cls)
+        d = entry.__dict__
+        d["dtype"], d["shape"], d["shard_id"], d["offset"], d["size"], d["crc32c"] = (
+            dtype, shape, shard_id, offset, size, crc32c)
+        return entry
+
+    @classmethod
     def decode(cls, buf) -> "Entry":
         """Parse an entry; raises ValueError on malformed bytes, negative sizes or dims."""
         buf = bytes(buf)
@@ -151,13 +162,7 @@ class Entry:
         except (ValueError, IndexError, struct.error):  # malformed: the full parser says how
             fields = None
         if fields is not None:
-            # The frozen dataclass's __init__ sets each field through object.__setattr__ (~2 µs,
-            # as much as the parse); the instance's dict is filled directly instead ("slices"
-            # stays the class default).
-            entry = object.__new__(cls)
-            d = entry.__dict__
-            d["dtype"], d["shape"], d["shard_id"], d["offset"], d["size"], d["crc32c"] = fields
-            return entry
+            return cls.plain(*fields)
         return cls(*_decode_fields(buf))
 
 
@@ -187,7 +192,7 @@ def _decode_fields(buf: bytes) -> tuple:
     return dtype, tuple(shape), shard_id, offset, size, crc, tuple(slices)
 
 
-def _shape_field(shape: tuple) -> bytes:
+def shape_field(shape: tuple) -> bytes:
     """Field 2 (TensorShapeProto) of an entry: always written, a scalar as ``12 00``."""
     if type(shape) is not tuple:
         shape = tuple(shape)
@@ -212,33 +217,40 @@ def _decode_plain(buf: bytes):
     end = len(buf)
     dtype = shard_id = offset = size = crc = 0
     pos = 0
-    if pos < end and buf[pos] == _T_DTYPE:
+    if pos < end and buf[pos] == T_DTYPE:
         dtype, pos = _varint(buf, pos + 1, end)
-    if pos >= end or buf[pos] != _T_SHAPE or buf[pos + 1] >= 0x80:
+    if pos >= end or buf[pos] != T_SHAPE or buf[pos + 1] >= 0x80:
         return None
     n = buf[pos + 1]
     raw = buf[pos + 2:pos + 2 + n]
     if len(raw) != n:
         return None
     pos += 2 + n
-    shape = _shape_tuples.get(raw)
-    if shape is None:
-        shape = tuple(_decode_shape(raw))  # raises on a negative dim or an unknown rank
-        if len(_shape_tuples) >= _SHAPE_CACHE_MAX:
-            _shape_tuples.clear()
-        _shape_tuples[raw] = shape
-    if pos < end and buf[pos] == _T_SHARD:
+    shape = decode_shape(raw)
+    if pos < end and buf[pos] == T_SHARD:
         shard_id, pos = _varint(buf, pos + 1, end)
-    if pos < end and buf[pos] == _T_OFFSET:
+    if pos < end and buf[pos] == T_OFFSET:
         offset, pos = _varint(buf, pos + 1, end)
-    if pos < end and buf[pos] == _T_SIZE:
+    if pos < end and buf[pos] == T_SIZE:
         size, pos = _varint(buf, pos + 1, end)
-    if pos < end and buf[pos] == _T_CRC and pos + 5 <= end:
+    if pos < end and buf[pos] == T_CRC and pos + 5 <= end:
         crc = _U32.unpack_from(buf, pos + 1)[0]
         pos += 5
     if pos != end or shard_id >= 1 << 63 or offset >= 1 << 63 or size >= 1 << 63:
         return None  # more fields, or negative int64s: the full parser reads (or refuses) them
     return dtype, shape, shard_id, offset, size, crc
+
+
+def decode_shape(raw: bytes) -> tuple[int, ...]:
+    """The dims of a TensorShapeProto's bytes, cached per distinct shape. Raises ValueError on a
+    negative dim or an unknown rank."""
+    shape = _shape_tuples.get(raw)
+    if shape is None:
+        shape = tuple(_decode_shape(raw))
+        if len(_shape_tuples) >= _SHAPE_CACHE_MAX:
+            _shape_tuples.clear()
+        _shape_tuples[raw] = shape
+    return shape
 
 
 def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:

@@ -9,12 +9,12 @@ import threading
 import numpy as np
 
 from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError
-from gpusaver.format import naming, strings
+from gpusaver.format import entries, naming, strings
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
 from gpusaver.format.table import TableFormatError, read_table
-from gpusaver.format.wire import crc32c, mask
+from gpusaver.format.wire import crc32c, crc32c_many, mask, mask_many
 from gpusaver.storage import LocalStorage, ReadHandle, Storage, commit, for_url
 
 _READ_PIECE = 1 << 20  # local reads go in pieces this size (cache-sized: each is checksummed while hot)
@@ -80,7 +80,12 @@ class BundleReader:
             raise CorruptCheckpointError(f"{self.index_path}: header claims {header.num_shards} shards")
         self.header = header
         self.num_shards = header.num_shards
-        self._entries: dict[bytes, Entry] = {}  # decoded and checked on first use
+        self._entries: dict[bytes, Entry] = {}  # made on first use
+        self._by_name: dict[str, Entry] = {}
+        # Every plain entry decoded and checked at once; the rest (slices, strings, anything
+        # odd) one by one on first use, by the full parser, which names what is wrong.
+        self._rows = dict(zip(self._raw, range(len(self._raw))))
+        self._decoded = entries.decode(list(self._raw.values()), self.num_shards)
 
     def _open_data(self):
         """Open every data file now; a missing or unreadable one is reported when first read from
@@ -112,7 +117,10 @@ class BundleReader:
 
     def entry(self, name: str) -> Entry:
         """The index entry of ``name``. Raises KeyError if absent, CorruptCheckpointError if garbled."""
-        return self._entry(name.encode("utf-8"), name)
+        entry = self._by_name.get(name)  # a restore asks several times per tensor
+        if entry is None:
+            entry = self._by_name[name] = self._entry(name.encode("utf-8"), name)
+        return entry
 
     def _entry(self, key: bytes, name: str) -> Entry:
         entry = self._entries.get(key)
@@ -125,6 +133,9 @@ class BundleReader:
             raw = self._raw[key]
         except KeyError:
             raise KeyError(name) from None
+        entry = self._decoded.entry(self._rows[key])
+        if entry is not None:
+            return entry
         try:
             entry = Entry.decode(raw)
         except ValueError as e:
@@ -254,8 +265,9 @@ class BundleReader:
             handle = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
             buffers = [_new_buffer(e, allocate) for e in entries[i:j]]
             handle.readinto(first.offset, [memoryview(b) for b in buffers], names[i])
-            for name, entry, buf in zip(names[i:j], entries[i:j], buffers):
-                self.check_crc(name, entry, crc32c(buf))
+            for name, entry, buf, crc in zip(names[i:j], entries[i:j], buffers, mask_many(crc32c_many(buffers))):
+                if crc != entry.crc32c:
+                    raise self.crc_error(name, entry, crc)
                 out.append(buf.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
             i = j
         return out

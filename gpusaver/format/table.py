@@ -96,7 +96,7 @@ class TableBuilder:
         self._block_size = block_size
         self._out = bytearray()
         self._data = _BlockBuilder(16)
-        self._index = _BlockBuilder(1)
+        self._index: list[tuple[bytes, bytes]] = []  # (separator key, handle) per data block
         self._last_key = None
         self._pending = None  # handle of the last flushed data block, not yet in the index
 
@@ -107,7 +107,7 @@ class TableBuilder:
         if self._data.buf and len(key) + len(value) >= 2 * self._block_size:
             self._flush()
         if self._pending is not None:
-            self._index.add(shortest_separator(self._last_key, key), self._pending)
+            self._index.append((shortest_separator(self._last_key, key), self._pending))
             self._pending = None
         self._last_key = key
         data = self._data
@@ -115,28 +115,38 @@ class TableBuilder:
         if len(data.buf) + 4 * len(data._restarts) + 4 >= self._block_size:  # data.size_estimate()
             self._flush()
 
-    def _write_block(self, block: _BlockBuilder) -> bytes:
-        contents = block.finish()
-        block.reset()
-        handle = _handle(len(self._out), len(contents))
-        trailer = bytes([_NONE])
-        self._out += contents + trailer + fixed32(mask(crc32c(trailer, crc32c(contents))))
-        return handle
-
     def _flush(self):
         if self._data.buf:
-            self._pending = self._write_block(self._data)
+            self._pending = write_block(self._out, self._data.finish())
+            self._data.reset()
 
     def finish(self) -> bytes:
         """Write the last data block, the metaindex, the index and the footer; return the table bytes."""
         self._flush()
-        metaindex = self._write_block(_BlockBuilder(16))
         if self._pending is not None:
-            self._index.add(short_successor(self._last_key), self._pending)
-        index = self._write_block(self._index)
-        footer = (metaindex + index).ljust(FOOTER_SIZE - 8, b"\0") + struct.pack("<Q", _MAGIC)
-        self._out += footer
-        return bytes(self._out)
+            self._index.append((short_successor(self._last_key), self._pending))
+        return finish_table(self._out, self._index)
+
+
+def write_block(out: bytearray, contents: bytes) -> bytes:
+    """Append one block (its contents, the compression type, the masked CRC32C of both) to
+    ``out``; return the block's handle."""
+    handle = _handle(len(out), len(contents))
+    trailer = bytes([_NONE])
+    out += contents + trailer + fixed32(mask(crc32c(trailer, crc32c(contents))))
+    return handle
+
+
+def finish_table(out: bytearray, index: list[tuple[bytes, bytes]]) -> bytes:
+    """Append the (empty) metaindex, the index block over ``index`` — a (separator key, handle)
+    per data block, in order — and the footer to ``out``, the data blocks; return the table."""
+    metaindex = write_block(out, _BlockBuilder(16).finish())
+    block = _BlockBuilder(1)
+    for key, handle in index:
+        block.add(key, handle)
+    index_handle = write_block(out, block.finish())
+    out += (metaindex + index_handle).ljust(FOOTER_SIZE - 8, b"\0") + struct.pack("<Q", _MAGIC)
+    return bytes(out)
 
 
 def _read_handle(buf, pos: int, limit: int):
