@@ -95,7 +95,7 @@ def test_decode_agrees_with_entry_decode_and_leaves_the_rest_to_it():
     decoded = entries.decode(values, num_shards=150)
     accepted = 0
     for i, raw in enumerate(values):
-        entry = decoded.entry(i)
+        entry = decoded[i]
         if entry is None:
             continue
         accepted += 1
@@ -115,5 +115,5 @@ def test_decode_agrees_with_entry_decode_and_leaves_the_rest_to_it():
 def test_decode_leaves_what_it_does_not_check_to_the_reader(entry):
     good = Entry(1, (2,), 0, 0, 8, 1)
     decoded = entries.decode([good.encode(), entry.encode()], num_shards=4)
-    assert decoded.entry(0) == good
-    assert decoded.entry(1) is None
+    assert decoded[0] == good
+    assert decoded[1] is None

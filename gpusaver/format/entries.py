@@ -10,8 +10,6 @@ Rows this does not decode (slices, strings, unknown dtypes, odd layouts, sizes t
 their shape) are left to the reader's entry-by-entry path, which reads them or names what is wrong.
 """
 import math
-from typing import NamedTuple
-
 import numpy as np
 
 from gpusaver.format import proto
@@ -29,29 +27,10 @@ for _value in DataType:
             pass
 
 
-class Entries(NamedTuple):
-    """Decoded rows, as Python lists (an entry is then made without numpy scalars): row ``i`` is
-    valid where ``ok[i]``; ``shapes[shape_of[i]]`` is its shape."""
-    ok: list[bool]
-    dtype: list[int]
-    shape_of: list[int]
-    shapes: list[tuple[int, ...]]
-    shard: list[int]
-    offset: list[int]
-    size: list[int]
-    crc: list[int]  # masked, as stored
-
-    def entry(self, i: int) -> proto.Entry | None:
-        """Row ``i`` as an Entry, or None if this module left it to the slow path."""
-        if not self.ok[i]:
-            return None
-        return proto.Entry.plain(self.dtype[i], self.shapes[self.shape_of[i]], self.shard[i], self.offset[i],
-                                 self.size[i], self.crc[i])
-
-
-def decode(values: list[bytes], num_shards: int) -> Entries:
-    """Decode and check every entry: a row is ok when its layout is the plain one, its dtype
-    numeric and known, its shard below ``num_shards`` and its size exactly its shape's bytes."""
+def decode(values: list[bytes], num_shards: int) -> list[proto.Entry | None]:
+    """Decode and check every entry: the Entry of each row whose layout is the plain one, dtype
+    numeric and known, shard below ``num_shards`` and size exactly its shape's bytes; None for
+    the other rows (the reader's entry-by-entry path reads them, or says what is wrong)."""
     n = len(values)
     lengths = np.fromiter(map(len, values), _I64, n)
     ends = np.cumsum(lengths)
@@ -111,5 +90,8 @@ def decode(values: list[bytes], num_shards: int) -> Entries:
     ok &= (dtype < 256) & (itemsize > 0) & (elements >= 0) & (shard < num_shards)
     ok &= elements <= (1 << 62) // np.maximum(itemsize, 1)  # so the product below cannot wrap
     ok &= size == elements * itemsize
-    return Entries(ok.tolist(), dtype.tolist(), shape_of.ravel().tolist(), shapes, shard.tolist(), offset.tolist(),
-                   size.tolist(), crc.tolist())
+    shape_of = shape_of.ravel().tolist()
+    plain = proto.Entry.plain
+    return [plain(d, shapes[s], sh, o, sz, c) if good else None
+            for good, d, s, sh, o, sz, c in zip(ok.tolist(), dtype.tolist(), shape_of, shard.tolist(),
+                                                offset.tolist(), size.tolist(), crc.tolist())]

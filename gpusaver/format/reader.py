@@ -80,12 +80,11 @@ class BundleReader:
             raise CorruptCheckpointError(f"{self.index_path}: header claims {header.num_shards} shards")
         self.header = header
         self.num_shards = header.num_shards
-        self._entries: dict[bytes, Entry] = {}  # made on first use
+        # Every plain entry decoded and checked at once; the rest (None here: slices, strings,
+        # anything odd) one by one on first use, by the full parser, which names what is wrong.
+        self._entries: dict[bytes, Entry | None] = dict(zip(self._raw, entries.decode(list(self._raw.values()),
+                                                                                     self.num_shards)))
         self._by_name: dict[str, Entry] = {}
-        # Every plain entry decoded and checked at once; the rest (slices, strings, anything
-        # odd) one by one on first use, by the full parser, which names what is wrong.
-        self._rows = dict(zip(self._raw, range(len(self._raw))))
-        self._decoded = entries.decode(list(self._raw.values()), self.num_shards)
 
     def _open_data(self):
         """Open every data file now; a missing or unreadable one is reported when first read from
@@ -133,9 +132,6 @@ class BundleReader:
             raw = self._raw[key]
         except KeyError:
             raise KeyError(name) from None
-        entry = self._decoded.entry(self._rows[key])
-        if entry is not None:
-            return entry
         try:
             entry = Entry.decode(raw)
         except ValueError as e:

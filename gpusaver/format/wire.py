@@ -39,6 +39,8 @@ def mask(crc: int) -> int:
 
 def mask_many(crcs: list[int]) -> list[int]:
     """:func:`mask` of each CRC, for a batch at once."""
+    if len(crcs) < 32:  # numpy's fixed cost is more than a few Python calls
+        return [mask(c) for c in crcs]
     c = np.array(crcs, np.uint64)
     return ((((c >> np.uint64(15)) | (c << np.uint64(17))) & np.uint64(_U32)) + np.uint64(_MASK_DELTA)
             & np.uint64(_U32)).tolist()

@@ -17,10 +17,11 @@ class Device:
     kind: str
     index: int = 0
     name: str = ""
+    # A field, not a property: asked several times per tensor of a save.
+    is_cuda: bool = dataclasses.field(init=False, repr=False, compare=False)
 
-    @property
-    def is_cuda(self) -> bool:
-        return self.kind == "cuda"
+    def __post_init__(self):
+        object.__setattr__(self, "is_cuda", self.kind == "cuda")
 
     def __str__(self):
         return self.name or f"{self.kind}:{self.index}"

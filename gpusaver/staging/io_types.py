@@ -33,7 +33,7 @@ class Chunk:
         return self.release is not _noop
 
 
-@dataclasses.dataclass(eq=False)
+@dataclasses.dataclass(eq=False, slots=True)  # slots: a model makes tens of thousands
 class SaveItem:
     """One tensor to save: its checkpoint name and an array (numpy, CuPy, DLPack, buffer).
 

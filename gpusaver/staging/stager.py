@@ -90,10 +90,13 @@ class Stager:
 
     def item(self, name: str, array) -> SaveItem:
         """Describe one array to save. Raises ValueError / UnsupportedError naming the tensor."""
+        # Models have thousands of tensors: a contiguous numpy array of a dtype seen before (only
+        # native, supported ones are remembered) skips every other check.
+        if type(array) is np.ndarray and array.dtype in self._dtypes_ok and array.flags.c_contiguous \
+                and type(name) is str and name:
+            return SaveItem(name, array, devices.CPU, array.dtype, array.shape, array.nbytes)
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"tensor names must be non-empty strings, got {name!r}")
-        # Models have thousands of tensors: numpy arrays and the CuPy arrays that hold() imported
-        # skip the generic checks.
         if type(array) is np.ndarray:
             if not (array.flags.c_contiguous and array.dtype.isnative):
                 array = as_host_array(array)
@@ -108,7 +111,7 @@ class Stager:
                 dtype_to_enum(array.dtype)
             except UnsupportedError as e:
                 raise UnsupportedError(f"tensor {name!r}: {e}") from None
-            self._dtypes_ok.add(array.dtype)
+            self._dtypes_ok.add(array.dtype)  # native by now
         return SaveItem(name, array, device, array.dtype, array.shape, array.nbytes)  # numpy/CuPy: int shapes
 
     def buffers(self, items: list[SaveItem], mode: str, ready: dict) -> "SaveBuffers":
