@@ -117,3 +117,10 @@ def test_decode_leaves_what_it_does_not_check_to_the_reader(entry):
     decoded = entries.decode([good.encode(), entry.encode()], num_shards=4)
     assert decoded[0] == good
     assert decoded[1] is None
+
+
+def test_names_too_long_for_one_matrix_take_the_entry_by_entry_path(monkeypatch):
+    monkeypatch.setattr(columns, "_MAX_MATRIX", 4096)  # as if the names were megabytes long
+    table = {f"{i % 7}/" + "x" * (i % 300): Entry(1, (2,), 0, 8 * i, 8, i + 1) for i in range(500)}
+    header = Header().encode()
+    assert _columns(table, batched=True).encode(header, 1024) == _reference(header, table, 1024)

@@ -90,7 +90,7 @@ class IndexColumns:
     writer appends under its lock."""
 
     def __init__(self):
-        self.names: list[str] = []
+        self._names: list[str] = []
         self._dtypes: list[int] = []
         self._shapes: list[tuple] = []
         self._shards: list[int] = []
@@ -99,18 +99,15 @@ class IndexColumns:
         self._crcs: list[int] = []  # masked, as stored
         self._sliced: dict[int, Entry] = {}  # rows of partitioned tensors, encoded one by one
 
-    def __len__(self) -> int:
-        return len(self.names)
-
     def add(self, name: str, entry: Entry):
         if entry.slices:
-            self._sliced[len(self.names)] = entry
+            self._sliced[len(self._names)] = entry
         self.extend([name], [int(entry.dtype)], [entry.shape], entry.shard_id, [entry.offset], [entry.size],
                     [entry.crc32c])
 
     def extend(self, names: list[str], dtypes: list[int], shapes: list[tuple], shard_id: int,
                offsets: list[int], sizes: list[int], masked_crcs: list[int]):
-        self.names += names
+        self._names += names
         self._dtypes += dtypes
         self._shapes += shapes
         self._shards += [shard_id] * len(names)
@@ -122,12 +119,24 @@ class IndexColumns:
         """The ``.index`` table: ``header`` (BundleHeaderProto bytes) under the empty key, then
         every entry under its name (UTF-8) in byte order — the bytes TF writes for them.
         ValueError for a name given twice or an empty one."""
-        keys = [name.encode("utf-8") for name in self.names]
+        keys = [name.encode("utf-8") for name in self._names]
+        widest = max(map(len, keys), default=0) + max((len(e.encode()) for e in self._sliced.values()), default=0)
+        if len(keys) * (widest + 64) > _MAX_MATRIX:  # names too long to lay out as one matrix
+            return self._encode_slowly(header, keys, block_size)
         values = self._values(header)
         try:
             return self._table(keys, np.argsort(np.array(keys, dtype=bytes), kind="stable"), values, block_size)
         except ValueError:  # numpy's order of bytes ignores trailing NULs: Python's decides
             return self._table(keys, sorted(range(len(keys)), key=keys.__getitem__), values, block_size)
+
+    def _encode_slowly(self, header: bytes, keys: list[bytes], block_size: int) -> bytes:
+        table = TableBuilder(block_size)
+        table.add(b"", header)
+        for key, i in sorted(zip(keys, range(len(keys)))):
+            entry = self._sliced.get(i) or Entry(self._dtypes[i], self._shapes[i], self._shards[i], self._offsets[i],
+                                                 self._sizes[i], self._crcs[i])
+            table.add(key, entry.encode())
+        return table.finish()
 
     @staticmethod
     def _table(keys: list[bytes], order, values: Ragged, block_size: int) -> bytes:
@@ -137,7 +146,7 @@ class IndexColumns:
 
     def _values(self, header: bytes) -> Ragged:
         """Row 0 the header, row i + 1 entry i's encoding (:meth:`Entry.encode`)."""
-        n = len(self.names) + 1
+        n = len(self._names) + 1
         special = {0: header} | {i + 1: e.encode() for i, e in self._sliced.items()}
         whole = from_bytes([special.get(i, b"") for i in range(n)]) if len(special) > 1 else _one_row(header, n)
         plain = np.ones(n, bool)
