@@ -238,13 +238,15 @@ class BundleReader:
         """
         return self._read(name, self.entry(name), allocate)
 
-    def read_many(self, names: list[str], allocate=None) -> list[np.ndarray]:
+    def read_many(self, names: list[str], allocate=None, entries: list[Entry] | None = None) -> list[np.ndarray]:
         """``[read(name, allocate) for name in names]``, but each run of plain tensors that lie
         back to back in one data file (up to a read piece: 1 MiB locally, more on object stores)
         is read with one scatter read into their buffers: models have thousands of small tensors,
-        and a read each was most of their cost.
+        and a read each was most of their cost. ``entries``: the names' entries, if the caller
+        has them already.
         """
-        entries = [self.entry(n) for n in names]
+        if entries is None:
+            entries = [self.entry(n) for n in names]
         out = []
         i = 0
         while i < len(names):

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Protocol
 import numpy as np
 
 from gpusaver.format.bundle import num_elements
+from gpusaver.format.proto import Entry
 from gpusaver.staging.devices import Device
 
 
@@ -50,6 +51,17 @@ class SaveItem:
     def __post_init__(self):
         if self.nbytes < 0:
             self.nbytes = num_elements(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(eq=False, slots=True)  # slots: a restore makes tens of thousands
+class LoadItem:
+    """One tensor to restore, the counterpart of :class:`SaveItem`: its checkpoint name, its
+    (checked) index entry and the device it is read onto. ``nbytes``: what it takes in memory
+    once read (for a partitioned tensor, the assembled whole)."""
+    name: str
+    entry: Entry
+    device: Device
+    nbytes: int
 
 
 class Staging(Protocol):

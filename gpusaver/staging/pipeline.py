@@ -23,7 +23,7 @@ from gpusaver.log import log_done
 from gpusaver.options import Options
 from gpusaver.storage import for_url
 from gpusaver.staging.devices import Device
-from gpusaver.staging.io_types import Chunk, SaveItem
+from gpusaver.staging.io_types import Chunk, LoadItem, SaveItem
 
 _QUEUE_DEPTH = 64  # staged items a producer may run ahead (memory is bounded by the pool, not this)
 _BATCH_BYTES = 1 << 20  # consecutive small tensors up to this many bytes: one writer message, one read task
@@ -318,10 +318,10 @@ _END, _DONE = _End(), _Message()
 
 # --- load -------------------------------------------------------------------------------------
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], options: Options,
-              fetch: Callable[[list[tuple[str, Device]]], list]) -> Iterator[tuple[str, Any]]:
+              fetch: Callable[[list[LoadItem]], list]) -> Iterator[tuple[str, Any]]:
     """Yield ``(name, value)`` for every (name, device) request, in the order the tensors lie in
     the checkpoint's data files (sequential reads); ``fetch(batch)`` runs on reader threads and
-    returns the batch's values.
+    returns the values of a batch of :class:`LoadItem`.
 
     A batch is a run of consecutive tensors that together fit in ``_BATCH_BYTES``: models have
     thousands of small tensors, and a thread-pool hand-off each cost twice the read itself.
@@ -330,21 +330,19 @@ def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], opti
     the budget plus one tensor beyond what the consumer keeps.
     """
     # One index lookup per request (models have tens of thousands): its place and its bytes.
-    requests = list(requests)
-    entries = [reader.entry(name) for name, _ in requests]
-    where = [(e.shard_id, e.offset) for e in entries]
-    order = sorted(range(len(requests)), key=where.__getitem__)  # stable, as the file order is
-    batches: list[list[tuple[str, Device]]] = []
+    items = [LoadItem(name, entry, device, entry.size if not entry.slices else
+                      num_elements(entry.shape) * max(reader.dtype(name).itemsize, 1))
+             for name, device in requests for entry in (reader.entry(name),)]
+    items.sort(key=_file_place)  # stable, as the file order is
+    batches: list[list[LoadItem]] = []
     sizes: list[int] = []
-    for i in order:
-        e = entries[i]
-        size = e.size if not e.slices else num_elements(e.shape) * max(reader.dtype(requests[i][0]).itemsize, 1)
-        if batches and sizes[-1] + size <= _BATCH_BYTES:
-            batches[-1].append(requests[i])
-            sizes[-1] += size
+    for item in items:
+        if batches and sizes[-1] + item.nbytes <= _BATCH_BYTES:
+            batches[-1].append(item)
+            sizes[-1] += item.nbytes
         else:
-            batches.append([requests[i]])
-            sizes.append(size)
+            batches.append([item])
+            sizes.append(item.nbytes)
 
     inflight: collections.deque = collections.deque()
     inflight_bytes = 0
@@ -366,5 +364,9 @@ def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], opti
                 for _, _, f in inflight:
                     f.cancel()
                 raise
-            for (name, _), value in zip(batch, values):
-                yield name, value
+            for item, value in zip(batch, values):
+                yield item.name, value
+
+
+def _file_place(item: LoadItem) -> tuple[int, int]:
+    return item.entry.shard_id, item.entry.offset

@@ -12,7 +12,7 @@ from gpusaver.options import Options
 from gpusaver.staging import devices
 from gpusaver.staging.devices import Device
 from gpusaver.staging.host import HostEngine, as_host_array
-from gpusaver.staging.io_types import SaveItem
+from gpusaver.staging.io_types import LoadItem, SaveItem
 from gpusaver.staging.pool import ALIGN, Arena, BufferPool, aligned_empty, align_up
 
 
@@ -130,23 +130,20 @@ class Stager:
                 pass
         return devices.CPU
 
-    def fetch(self, reader: BundleReader, batch: list[tuple[str, Device]]) -> list:
-        """Read each (name, device) of ``batch`` (CRC-checked) onto its device: numpy arrays on the
-        host (64-byte aligned, so TF and CUDA uploads adopt them without a copy), CuPy on a GPU,
+    def fetch(self, reader: BundleReader, batch: list[LoadItem]) -> list:
+        """Read each item of ``batch`` (CRC-checked) onto its device: numpy arrays on the host
+        (64-byte aligned, so TF and CUDA uploads adopt them without a copy), CuPy on a GPU,
         complete when returned."""
-        if not any(device.is_cuda for _, device in batch):  # the common case: all to host memory
-            names = [name for name, _ in batch]
-            return reader.read_many(names, allocate=self._allocator(reader, names))
+        if not any(item.device.is_cuda for item in batch):  # the common case: all to host memory
+            return self._read_host(reader, batch)
         values: dict[int, object] = {}
-        host = [i for i, (_, device) in enumerate(batch) if not device.is_cuda]
-        names = [batch[i][0] for i in host]
-        for i, value in zip(host, reader.read_many(names, allocate=self._allocator(reader, names))):
-            values[i] = value
+        host = [i for i, item in enumerate(batch) if not item.device.is_cuda]
+        values.update(zip(host, self._read_host(reader, [batch[i] for i in host])))
         small: dict[int, list[int]] = {}  # device index -> positions of packable tensors
-        for i, (name, device) in enumerate(batch):
+        for i, item in enumerate(batch):
+            name, entry, device = item.name, item.entry, item.device
             if not device.is_cuda:
                 continue
-            entry = reader.entry(name)
             if reader.dtype(name).kind == "O":
                 raise MismatchError(f"tensor {name!r} holds strings, which cannot live on {device}")
             if entry.slices:
@@ -156,21 +153,23 @@ class Stager:
             else:
                 values[i] = self.cuda().load(reader, name, entry, device)
         for index, positions in small.items():
-            for part in _parts(positions, [reader.entry(batch[i][0]).size for i in positions],
+            for part in _parts(positions, [batch[i].entry.size for i in positions],
                                self.cuda().load_pool.buffer_size):
-                outs = self.cuda().load_small(reader, [batch[i][0] for i in part], batch[part[0]][1])
+                outs = self.cuda().load_small(reader, [batch[i].name for i in part], batch[part[0]].device)
                 values.update(zip(part, outs))
         return [values[i] for i in range(len(batch))]
 
-    def _allocator(self, reader: BundleReader, names: list[str]):
-        """The host buffers of one batch: its small tensors (at most the pack threshold) share one
+    def _read_host(self, reader: BundleReader, items: list[LoadItem]) -> list:
+        """The items as host arrays. Their small tensors (at most the pack threshold) share one
         aligned slab, since one aligned allocation each cost ~2 µs, most of a small tensor's
         read; the others get their own (:func:`aligned_empty`)."""
+        entries = [item.entry for item in items]
         limit = self.options.effective_pack_threshold
-        if len(names) < 2 or limit <= 0:
-            return aligned_empty
-        small = [n for n in (reader.entry(name).size for name in names) if n <= limit]
-        return _Slab(sum(small) + (ALIGN - 1) * len(small), limit)  # room to align each piece
+        allocate = aligned_empty
+        if len(items) > 1 and limit > 0:
+            small = [n for n in (e.size for e in entries) if n <= limit]
+            allocate = _Slab(sum(small) + (ALIGN - 1) * len(small), limit)  # room to align each piece
+        return reader.read_many([item.name for item in items], allocate, entries)
 
 
 @functools.lru_cache(maxsize=None)
