@@ -1,4 +1,5 @@
 """``gpusaver ls PATH`` (alias ``inspect``): what a checkpoint holds, without reading its data."""
+import functools
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from gpusaver.storage import for_url
 #: The scalar string tensor in which tf.train.Checkpoint stores its TrackableObjectGraph proto.
 
 
+@functools.lru_cache(maxsize=None)  # numpy's dtype.name costs ~10 µs: per tensor, most of a listing
 def dtype_name(dtype: int) -> str:
     """TensorFlow's name of a DataType enum: float32, bfloat16, string, qint8..."""
     try:
