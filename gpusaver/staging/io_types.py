@@ -1,7 +1,9 @@
 """The seam between staging and the bundle writer/reader: what a copy engine hands the writer.
 
-A save is a sequence of :class:`Chunk` per tensor; a copy engine (host or CUDA) produces them, the
-shard writer consumes them in order. Engines implement :class:`CopyEngine`.
+Save: a :class:`SaveItem` per tensor; a copy engine (host or CUDA) stages each as a sequence of
+:class:`Chunk` through a per-save :class:`Staging`, and the shard writer consumes them in order.
+Restore: a :class:`LoadItem` per tensor; host memory is filled by the reader, device memory by an
+:class:`UploadEngine` (the CUDA engine), batch by batch.
 """
 import dataclasses
 from typing import Any, Callable, Iterator, Protocol
@@ -78,3 +80,18 @@ class Staging(Protocol):
     def close(self):
         """Give back every buffer and device array still held (after the writer is done, or
         after a failure): a failed or cancelled save leaks nothing."""
+
+
+class UploadEngine(Protocol):
+    """The restore side of a device engine: reads checkpoint bytes straight into new device
+    arrays, CRC-checked, each complete when returned (the stager calls it from reader threads)."""
+
+    def load(self, reader, name: str, entry: Entry, device: Device) -> Any:
+        """One large numeric tensor, uploaded chunk by chunk through pinned buffers."""
+
+    def load_small(self, reader, names: list[str], device: Device) -> list:
+        """Small numeric tensors (together at most one pinned buffer): read packed, uploaded in
+        one copy and scattered on the device."""
+
+    def upload(self, host: np.ndarray, device: Device) -> Any:
+        """An array already on the host (an assembled partitioned tensor)."""
