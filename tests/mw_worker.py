@@ -4,7 +4,9 @@
 
 Prints one JSON line (prefixed "RESULT ") with what it saw; the test compares the workers' lines.
 Scenarios: "save" (gpusaver saves and restores; TF's own multi-worker checkpoint is read back),
-"die" (worker 1 exits before its part is written: the others must fail cleanly, no commit).
+"die" (worker 1 exits before its part is written: the others must fail cleanly, no commit),
+"store" and "store-die" (the same two with DIRECTORY an object store URL, ``s3://...``, reached
+with the fsspec options in the JSON of the environment variable MW_STORAGE_OPTIONS).
 """
 import json
 import os
@@ -28,10 +30,26 @@ values["step"] = np.int64(1234)
 with strategy.scope():
     variables = {name: tf.Variable(value, name=name.replace("/", "_")) for name, value in values.items()}
 
-options = gpusaver.Options(collective_timeout=20)
+options = gpusaver.Options(collective_timeout=20, storage_options=json.loads(os.environ.get("MW_STORAGE_OPTIONS", "{}")))
 saver = gpusaver.Saver(variables, options=options)
 result = {"task": task}
-if scenario == "save":
+join = (lambda *p: "/".join(p)) if "://" in directory else os.path.join
+if scenario == "store":
+    first = saver.save(join(directory, "ckpt"), global_step=1)
+    for v in variables.values():
+        v.assign(tf.zeros_like(v))
+    second = saver.save(join(directory, "ckpt"), global_step=2)
+    latest = gpusaver.latest_checkpoint(directory)
+    saver.restore(first)
+    restored = all(np.array_equal(variables[k].numpy(), values[k]) for k in values)
+    objects = {k.replace("/", "_"): v for k, v in variables.items()}
+    saved = gpusaver.Checkpoint(**objects, options=options).save(join(directory, "obj", "ckpt"))
+    for v in variables.values():
+        v.assign(tf.zeros_like(v))
+    gpusaver.Checkpoint(**objects, options=options).restore(saved).assert_consumed()
+    result.update(first=first, second=second, latest=latest, restored=restored, object_based=saved,
+                  object_restored=all(np.array_equal(variables[k].numpy(), values[k]) for k in values))
+elif scenario == "save":
     first = saver.save(os.path.join(directory, "ckpt"), global_step=1)
     for v in variables.values():
         v.assign(tf.zeros_like(v))
@@ -59,12 +77,12 @@ if scenario == "save":
                   object_restored=all(np.array_equal(variables[k].numpy(), values[k]) for k in values))
     result.update(tf_written=written,
                   tf_restored=all(np.array_equal(variables[k].numpy(), values[k]) for k in values))
-elif scenario == "die":
-    first = saver.save(os.path.join(directory, "ckpt"), global_step=1)
+elif scenario in ("die", "store-die"):
+    first = saver.save(join(directory, "ckpt"), global_step=1)
     if task == 1:
         os._exit(3)  # dies before the second save: the others wait at the barrier, then give up
     try:
-        saver.save(os.path.join(directory, "ckpt"), global_step=2)
+        saver.save(join(directory, "ckpt"), global_step=2)
         result["error"] = None
     except gpusaver.GpusaverError as e:
         result["error"] = f"{type(e).__name__}: {e}"

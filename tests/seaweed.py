@@ -8,12 +8,10 @@ directory and ports, to test a server that dies mid-save.
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
+
+from servers import ServerProcess, free_ports
 
 BUCKET = "gpusaver-tests"  # one bucket for all tests: each bucket grows volumes of its own
 ACCESS_KEY = "gpusaver-test"
@@ -28,28 +26,16 @@ def weed_binary() -> str | None:
     return beside if os.access(beside, os.X_OK) else shutil.which("weed")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-class SeaweedServer:
+class SeaweedServer(ServerProcess):
     """One `weed server` process; :meth:`start` returns once S3 answers (or raises RuntimeError
     with the end of its log)."""
+
+    what = "weed's S3 gateway"
 
     def __init__(self, directory: str, binary: str):
         self.directory = directory
         self.binary = binary
-        self.ports = dict(zip(_PORTS, _free_ports(len(_PORTS))))
-        self.proc = None
+        self.ports = dict(zip(_PORTS, free_ports(len(_PORTS))))
         os.makedirs(os.path.join(directory, "data"), exist_ok=True)
         self.config = os.path.join(directory, "s3.json")
         with open(self.config, "w") as f:
@@ -80,40 +66,17 @@ class SeaweedServer:
                 "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={self.config}",
                 "-master.volumeSizeLimitMB=512", "-volume.max=0", "-master.telemetry=false"]
 
-    def start(self, timeout: float = 60.0):
-        """Start the server and wait until :data:`BUCKET` can be created and listed (seconds)."""
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self._command(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        log.close()
+    def _ready(self):
         import s3fs  # the tests' own client; gpusaver imports it lazily on its own
-        deadline, last = time.monotonic() + timeout, None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.proc.returncode}: {self.log_tail()}")
-            try:
-                fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False,
-                                       **self.storage_options())
-                if not fs.exists(BUCKET):
-                    fs.mkdir(BUCKET)
-                fs.ls(BUCKET)
-                return self
-            except (TypeError, AttributeError, NameError):
-                self.stop()
-                raise
-            except Exception as e:  # not up yet: connection refused, filer not ready
-                last = e
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"weed's S3 gateway did not answer within {timeout:.0f} s ({last}): {self.log_tail()}")
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False, **self.storage_options())
+        if not fs.exists(BUCKET):
+            fs.mkdir(BUCKET)
+        fs.ls(BUCKET)
 
     def stop(self):
         """Kill the server (SIGKILL: as a crash would), wait for it, and remove the Unix sockets
         it leaves in the temporary directory (named by its ports)."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-        self.proc = None
+        self.kill()
         p = self.ports
         for name in (f"filer-{p['filer']}", f"filer-grpc-{p['filer.grpc']}", f"master-grpc-{p['master.grpc']}",
                      f"s3-{p['s3']}", f"s3-grpc-{p['s3.grpc']}", f"volume-grpc-{p['volume.grpc']}"):
@@ -121,10 +84,3 @@ class SeaweedServer:
                 os.remove(os.path.join(tempfile.gettempdir(), f"seaweedfs-{name}.sock"))
             except OSError:
                 pass
-
-    def log_tail(self, chars: int = 2000) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                return f.read()[-chars:].decode("utf-8", "replace")
-        except OSError:
-            return "(no log)"

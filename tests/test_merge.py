@@ -93,3 +93,50 @@ def test_merge_on_the_command_line(tmp_path):
     assert not (tmp_path / "a.index").exists()
     c = gpusaver.save(str(tmp_path / "c"), {"x": np.arange(3.0)})
     assert main(["merge", str(tmp_path / "n"), str(tmp_path / "m"), c]) == 1  # 'x' twice: refused
+
+
+def _upload(directory, url, store) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            store.write_bytes(url + "/" + path.relative_to(directory).as_posix(), path.read_bytes())
+
+
+def _objects(url, store) -> dict:
+    """{name: bytes} of the objects directly under ``url``."""
+    return {p.rsplit("/", 1)[-1]: store.read_bytes(p) for p in store.list(url)}
+
+
+def test_merge_on_s3_moves_the_data_on_the_server_and_matches_the_local_merge(tmp_path, seaweed, s3_url):
+    """The same parts merged on a local disk and in a bucket give the same bytes; the bucket's
+    parts are gone afterwards (their data now the merged checkpoint's)."""
+    from gpusaver.storage import for_url
+
+    url = s3_url.rsplit("/", 1)[0]
+    store = for_url(url, gpusaver.Options(storage_options=seaweed.storage_options()))
+    _, prefixes = _parts(tmp_path / "local")
+    _upload(tmp_path / "local" / "tmp", url + "/tmp", store)
+    merge(prefixes, str(tmp_path / "local" / "ckpt"))
+    remote = [url + "/tmp/" + p.rsplit("/", 1)[-1] for p in prefixes]
+    assert merge(remote, url + "/ckpt", storage=store) == url + "/ckpt"
+    local = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir() if p.is_file()}
+    assert _objects(url, store) == local
+    # (SeaweedFS may list an emptied folder as an object of its own name: only bundle files count.)
+    assert [p for p in store.list(url + "/tmp") if ".index" in p or ".data-" in p] == []
+
+
+def test_merge_on_s3_that_fails_gives_the_inputs_their_data_back(tmp_path, seaweed, s3_url):
+    from gpusaver.errors import CheckpointNotFoundError
+    from gpusaver.format import naming
+    from gpusaver.storage import for_url
+
+    url = s3_url.rsplit("/", 1)[0]
+    store = for_url(url, gpusaver.Options(storage_options=seaweed.storage_options()))
+    _, prefixes = _parts(tmp_path)
+    _upload(tmp_path / "tmp", url + "/tmp", store)
+    remote = [url + "/tmp/" + p.rsplit("/", 1)[-1] for p in prefixes]
+    store.delete(naming.data_path(remote[2], 0, 1))  # the last input lost its data: its move fails
+    before = _objects(url + "/tmp", store)
+    with pytest.raises(CheckpointNotFoundError, match="w2.data-00000-of-00001"):
+        merge(remote, url + "/ckpt", storage=store)
+    assert _objects(url + "/tmp", store) == before  # the moved data went back
+    assert _objects(url, store) == {}  # no merged index, no merged data

@@ -16,6 +16,8 @@ from gpusaver.format.writer import BundleWriter
 from gpusaver.storage import for_url
 from gpusaver.storage.fsspec import PART_SIZE
 
+from remote_cases import assert_same, check_manager_retention_and_restart, object_names, sample_arrays
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PART_FLOATS = (PART_SIZE + (1 << 20)) // 4  # float32 elements of a tensor that fills more than one part
 
@@ -45,47 +47,24 @@ def fresh_s3_clients():
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def _arrays(seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "big": rng.standard_normal((10 << 20) // 4).astype(np.float32),  # several ranged reads
-        "int": np.arange(1000, dtype=np.int64).reshape(10, 100) + seed,
-        "half": rng.standard_normal(333).astype(np.float16),
-        "text": np.array([b"alpha", b"", "gamma".encode()] * 3, dtype=object).reshape(3, 3),
-        **{f"small/{i:03d}": np.full(i + 1, i + seed, np.int32) for i in range(50)},
-    }
-
-
-def _assert_same(got: dict, want: dict):
-    assert set(got) == set(want)
-    for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
-        assert got[k].tolist() == v.tolist(), k
-
-
-def _objects(url: str, options) -> list[str]:
-    storage = for_url(url, options)
-    return [p.rsplit("/", 1)[-1] for p in storage.list(url)]
-
-
 def test_save_load_round_trip(s3):
     url, options = s3
-    arrays = _arrays()
+    arrays = sample_arrays()
     prefix = gpusaver.save(url + "/model", arrays, options)
     assert prefix == url + "/model"
-    assert _objects(url, options) == ["model.data-00000-of-00001", "model.index"]
-    _assert_same(gpusaver.load(prefix, options=options), arrays)
-    _assert_same(gpusaver.load(prefix, ["big", "text"], options=options), {k: arrays[k] for k in ("big", "text")})
+    assert object_names(url, options) == ["model.data-00000-of-00001", "model.index"]
+    assert_same(gpusaver.load(prefix, options=options), arrays)
+    assert_same(gpusaver.load(prefix, ["big", "text"], options=options), {k: arrays[k] for k in ("big", "text")})
 
 
 def test_save_load_round_trip_in_several_shards(s3):
     url, options = s3
     import dataclasses
     options = dataclasses.replace(options, num_shards=3, chunk_size=1 << 20)
-    arrays = _arrays(1)
+    arrays = sample_arrays(1)
     gpusaver.save(url + "/sharded", arrays, options)
-    assert sorted(_objects(url, options)) == [f"sharded.data-0000{i}-of-00003" for i in range(3)] + ["sharded.index"]
-    _assert_same(gpusaver.load(url + "/sharded", options=options), arrays)
+    assert sorted(object_names(url, options)) == [f"sharded.data-0000{i}-of-00003" for i in range(3)] + ["sharded.index"]
+    assert_same(gpusaver.load(url + "/sharded", options=options), arrays)
 
 
 def test_saver_save_restore(s3, tf):
@@ -95,7 +74,7 @@ def test_saver_save_restore(s3, tf):
     saver = gpusaver.Saver([v, w], max_to_keep=2)
     paths = [saver.save(url + "/model", global_step=step) for step in (1, 2, 3)]
     # Retention on the store: the oldest checkpoint's objects are gone, the two newest stay.
-    names = [o.rsplit("/", 1)[-1] for o in _objects(url, s3[1])]
+    names = object_names(url, s3[1])
     assert not [n for n in names if n.startswith("model-1.")]
     assert {"model-2.index", "model-3.index", "model-3.data-00000-of-00001"} <= set(names)
     assert paths[-1] == url + "/model-3"
@@ -115,13 +94,13 @@ def test_nothing_is_visible_before_the_commit_and_the_index_comes_last(s3):
     seen = {}
 
     def on_commit(p):  # runs once the files are in place, before the state object
-        seen["objects"] = _objects(url, options)
+        seen["objects"] = object_names(url, options)
         return p
 
     with BundleWriter(prefix, 2, on_commit=on_commit, storage=storage) as writer:
         writer.shard(0).add_array("a", np.arange(_PART_FLOATS, dtype=np.float32))  # > 1 part: one left already
         writer.shard(1).add_array("b", np.ones(10, np.int8))
-        assert _objects(url, options) == []  # uploads in flight are not objects yet
+        assert object_names(url, options) == []  # uploads in flight are not objects yet
     assert seen["objects"] == ["m.data-00000-of-00002", "m.data-00001-of-00002", "m.index"]
     with BundleReader(prefix, storage=storage) as reader:
         np.testing.assert_array_equal(reader.read("a"), np.arange(_PART_FLOATS, dtype=np.float32))
@@ -137,7 +116,7 @@ def test_a_save_failing_midway_leaves_no_index_and_the_previous_checkpoint(s3, t
         with BundleWriter(url + "/model-2", storage=storage) as writer:
             writer.add_array("v", np.zeros(_PART_FLOATS, np.float32))  # a part uploaded already
             raise RuntimeError("stopped mid-save")
-    assert _objects(url, options) == ["checkpoint", "model-1.data-00000-of-00001", "model-1.index"]
+    assert object_names(url, options) == ["checkpoint", "model-1.data-00000-of-00001", "model-1.index"]
     assert gpusaver.latest_checkpoint(url) == first
     v.assign(tf.zeros(4))
     saver.restore(url)
@@ -162,7 +141,7 @@ def test_server_killed_mid_save_keeps_the_previous_checkpoint(s3, seaweed):
         seaweed.start()
     assert gpusaver.latest_checkpoint(url) == url + "/model-1"
     assert not storage.exists(url + "/model-2.index")
-    _assert_same(gpusaver.load(url, options=options), first)
+    assert_same(gpusaver.load(url, options=options), first)
 
 
 def test_wrong_credentials_name_the_url(s3, seaweed):
@@ -197,7 +176,7 @@ def test_s3_bench_runs_tiny(seaweed, tmp_path):
 
 def test_cli_lists_and_verifies_an_s3_checkpoint(s3):
     url, options = s3
-    gpusaver.save(url + "/model", _arrays(2), options)
+    gpusaver.save(url + "/model", sample_arrays(2), options)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     from gpusaver.format.state import CheckpointState, write_state
     write_state(url, CheckpointState("model", ["model"], [0.0]), storage=for_url(url, options))
@@ -219,7 +198,7 @@ def test_tensorflow_reads_a_mirror_of_what_gpusaver_wrote_and_gpusaver_reads_wha
     """TF 2.21 cannot open s3:// itself; a local copy of the bucket's objects is TF's view of it."""
     url, options = s3
     store = for_url(url, options)
-    arrays = _arrays(4)
+    arrays = sample_arrays(4)
     gpusaver.save(url + "/ours", arrays, options)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -249,9 +228,9 @@ def test_checkpoint_save_restore(s3, tf):
 
 def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh_s3_clients):
     # The environment points at a closed loopback port with wrong keys: only the options reach the server.
-    from seaweed import _free_ports
+    from servers import free_ports
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_ports(1)[0]}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
@@ -261,17 +240,51 @@ def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh
 
 
 def test_checkpoint_manager_on_s3_keeps_its_newest_and_recovers_after_a_restart(s3, tf):
-    url, options = s3
-    v = tf.Variable(np.zeros(4, np.float32))
-    manager = gpusaver.CheckpointManager(gpusaver.Checkpoint(v=v, options=options), url + "/run", max_to_keep=2)
-    for step in range(3):
-        v.assign(np.full(4, step, np.float32))
-        manager.save()
-    assert manager.checkpoints == [url + "/run/ckpt-2", url + "/run/ckpt-3"]
-    names = [o.rsplit("/", 1)[-1] for o in _objects(url + "/run", options)]
-    assert not [n for n in names if n.startswith("ckpt-1.")]  # retention deleted the oldest's objects
-    restarted = gpusaver.CheckpointManager(gpusaver.Checkpoint(v=v, options=options), url + "/run", max_to_keep=2)
-    assert restarted.latest_checkpoint == url + "/run/ckpt-3"
-    v.assign(np.zeros(4, np.float32))
-    restarted.restore_or_initialize()
-    np.testing.assert_array_equal(v.numpy(), np.full(4, 2, np.float32))
+    check_manager_retention_and_restart(tf, *s3)
+
+
+@pytest.mark.parametrize("store", ["s3", "gs"])
+def test_a_reader_between_the_data_and_the_index_of_an_overwrite_fails_its_crc(request, store):
+    """Object stores replace objects one by one: an overwrite of a prefix commits its data
+    objects, then its index (TF's names are fixed, so new data cannot go elsewhere first). A
+    reader in between meets the old index over the new data: it must raise CorruptCheckpointError
+    (the CRC32C of the old entries), never return values of either save as if they were whole."""
+    from gpusaver.errors import CorruptCheckpointError
+
+    if store == "s3":
+        url, options = request.getfixturevalue("s3_url"), gpusaver.Options(
+            storage_options=request.getfixturevalue("seaweed").storage_options())
+    else:
+        url, options = request.getfixturevalue("gs_url"), gpusaver.Options(
+            storage_options=request.getfixturevalue("gcs").storage_options())
+    old = {"w": np.arange(4096, dtype=np.float32), "b": np.arange(7, dtype=np.int64)}
+    new = {k: v + 1 for k, v in old.items()}  # the same shapes: the same offsets in the data object
+    prefix = gpusaver.save(url + "/model", old, options)
+    storage = for_url(url, options)
+    seen = {}
+    open_write = storage.open_write
+
+    def open_write_pausing_before_the_index(path, *args, **kwargs):
+        stream = open_write(path, *args, **kwargs)
+        if path.endswith(".index"):
+            commit = stream.commit
+
+            def read_then_commit():  # the data objects are the new ones already
+                seen["data"] = storage.read_bytes(url + "/model.data-00000-of-00001")
+                try:
+                    seen["read"] = gpusaver.load(prefix, options=options)
+                except CorruptCheckpointError as e:
+                    seen["error"] = str(e)
+                commit()
+
+            stream.commit = read_then_commit
+        return stream
+
+    storage.open_write = open_write_pausing_before_the_index
+    with BundleWriter(prefix, storage=storage) as writer:
+        for name, value in new.items():
+            writer.add_array(name, value)
+    assert new["w"].tobytes() in seen["data"]  # the window was real: new data under the old index
+    assert "read" not in seen, "a reader between data and index returned values"
+    assert "CRC32C mismatch" in seen["error"] and "model.data-00000-of-00001" in seen["error"]
+    assert_same(gpusaver.load(prefix, options=options), new)  # after the index: the new checkpoint

@@ -1,5 +1,6 @@
 """The storage layer (issue 13): one protocol, served by local POSIX files and by fsspec
-(``file://``, ``memory://``, and ``s3://`` against the SeaweedFS server of tests/seaweed.py)."""
+(``file://``, ``memory://``, ``s3://`` against the SeaweedFS server of tests/seaweed.py, and
+``gs://`` against the fake-gcs-server emulator of tests/gcs.py)."""
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from gpusaver.errors import CheckpointIOError, CheckpointNotFoundError, CorruptC
 from gpusaver.storage import LocalStorage, for_url, is_url, scheme
 
 
-@pytest.fixture(params=["local", "file", "memory", "s3"])
+@pytest.fixture(params=["local", "file", "memory", "s3", "gs"])
 def store(request, tmp_path):
     """(storage, a directory path or URL in it that holds nothing yet)."""
     kind = request.param
@@ -25,6 +26,10 @@ def store(request, tmp_path):
     if kind == "memory":
         url = f"memory://gpusaver-tests/{uuid.uuid4().hex}/d"
         return for_url(url), url
+    if kind == "gs":
+        url = request.getfixturevalue("gs_url")
+        gcs = request.getfixturevalue("gcs")
+        return for_url(url, gpusaver.Options(storage_options=gcs.storage_options())), url
     url = request.getfixturevalue("s3_url")
     seaweed = request.getfixturevalue("seaweed")
     return for_url(url, gpusaver.Options(storage_options=seaweed.storage_options())), url
@@ -108,6 +113,20 @@ def test_missing_objects_and_directories(store):
     assert storage.isdir(storage.join(base, "sub"))
     with pytest.raises(CheckpointNotFoundError):
         storage.open_read(storage.join(base, "sub"))
+
+
+def test_move_replaces_the_destination_and_a_missing_source_is_not_found(store):
+    storage, base = store
+    src, dst = storage.join(base, "part.data"), storage.join(base, "merged.data")
+    data = os.urandom(100_000)
+    _put(storage, src, data)
+    _put(storage, dst, b"old")
+    storage.move(src, dst)
+    assert storage.read_bytes(dst) == data and not storage.exists(src)
+    assert storage.list(base) == [dst]
+    with pytest.raises(CheckpointNotFoundError, match="part.data"):
+        storage.move(src, dst)
+    assert storage.read_bytes(dst) == data
 
 
 def test_write_bytes_is_whole_and_delete_removes(store):

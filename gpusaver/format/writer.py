@@ -256,9 +256,19 @@ class BundleWriter:
     def _commit_objects(self, index: str):
         """Commit on a store without rename (or journal): every data object is complete before the
         index appears (the index is what makes a checkpoint exist), and ``on_commit`` (the state
-        object) runs after it. An overwrite replaces the data before the index: a reader in that
-        moment meets the old index over new data and fails its CRC check, never returns wrong
-        values."""
+        object) runs after it.
+
+        Overwriting a prefix that holds a checkpoint has a window no order can close: each object
+        is replaced atomically, but not several at once, and TF's names are fixed, so the new data
+        cannot be written elsewhere first. Data first, then the index (this order) means a reader
+        in that window meets the old index over new data and raises CorruptCheckpointError (each
+        entry's CRC32C, or its size), never returns wrong values; reading again after the save
+        gives the new checkpoint. The other orders are worse: the index first gives the same
+        window and, if the save then fails, a new index over old data for good; deleting the old
+        index first leaves neither checkpoint in the window, and none if the save fails. A save
+        that fails after some data objects were replaced leaves the old index over them (readers
+        fail its CRC): object stores cannot put an object back. Save to a new prefix (a step
+        number, as ``Saver`` and ``CheckpointManager`` do) to keep the previous checkpoint whole."""
         new = not self.storage.exists(index)
         for s in self._shards:
             s._stream.commit()

@@ -85,6 +85,14 @@ class Storage(abc.ABC):
         """Make the renames in ``directory`` durable (POSIX directory fsync); else nothing."""
 
     @abc.abstractmethod
+    def move(self, src: str, dst: str) -> None:
+        """Give the object ``src`` the name ``dst``, replacing any object there, without its bytes
+        passing through this process: a rename on local disks (atomic), a server-side copy and a
+        delete on object stores (``dst`` appears whole or not at all; ``src`` goes only after).
+        Raises CheckpointNotFoundError if ``src`` is missing, CheckpointIOError naming ``src``
+        otherwise."""
+
+    @abc.abstractmethod
     def delete(self, path: str) -> None:
         """Remove the object ``path``; nothing if it is missing. Raises CheckpointIOError."""
 

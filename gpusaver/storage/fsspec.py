@@ -26,7 +26,8 @@ RANGE_SIZE = 8 * MiB  # bytes per ranged GET
 READ_SIZE = 32 * MiB  # bytes a reader asks for per call: RANGE_SIZE ranges fetched concurrently
 _DEFERRED_COMMIT = {"s3", "s3a", "gs", "gcs"}  # file objects that upload now and commit later
 _ATOMIC_RENAME = {"file", "local"}
-_EXTRA = "pip install 'gpusaver[remote]'"
+_EXTRA = "pip install 'gpusaver[remote]'"  # fsspec, s3fs (s3://) and gcsfs (gs://)
+_GCS = ("gs://", "gcs://")
 
 
 def _import_fsspec(url: str):
@@ -34,19 +35,25 @@ def _import_fsspec(url: str):
         import fsspec
     except ImportError:
         raise ImportError(f"{url!r} is a URL, which gpusaver reads and writes through fsspec (and s3fs "
-                          f"for s3://); it is not installed: {_EXTRA}") from None
+                          f"for s3://, gcsfs for gs://); it is not installed: {_EXTRA}") from None
     return fsspec
 
 
-def _hint(error: BaseException) -> str:
-    name = type(error).__name__
-    if isinstance(error, PermissionError) or "Credential" in name:
-        return (" (no access: check the credentials and the bucket's policy — "
-                "Options(storage_options={'key': ..., 'secret': ...}), or AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY / ~/.aws for s3://)")
+def _hint(error: BaseException, path: str = "") -> str:
+    """The likely fix for ``error`` met at ``path`` (a URL), as a parenthesised suffix, or ""."""
+    name, text = type(error).__name__, str(error)
+    gcs = path.startswith(_GCS)
+    if (isinstance(error, PermissionError) or "Credential" in name or "Auth" in name or "Refresh" in name
+            or text.startswith(("Forbidden", "Unauthorized")) or getattr(error, "code", None) in (401, 403)):
+        how = ("Options(storage_options={'token': ...}) (a service-account JSON file, 'google_default', "
+               "'anon'), or GOOGLE_APPLICATION_CREDENTIALS for gs://" if gcs else
+               "Options(storage_options={'key': ..., 'secret': ...}), or AWS_ACCESS_KEY_ID / "
+               "AWS_SECRET_ACCESS_KEY / ~/.aws for s3://")
+        return f" (no access: check the credentials and the bucket's policy — {how})"
     if isinstance(error, (ConnectionError, TimeoutError)) or "Connect" in name or "Endpoint" in name:
+        how = ("{'endpoint_url': ...}" if gcs else "{'client_kwargs': {'endpoint_url': ...}}")
         return (" (cannot reach the storage server: check that it runs and the endpoint, e.g. "
-                "Options(storage_options={'client_kwargs': {'endpoint_url': ...}}))")
+                f"Options(storage_options={how}))")
     return ""
 
 
@@ -57,7 +64,10 @@ def _io_error(error: BaseException, path: str, what: str, tensor: str | None = N
         code = errno.EACCES if isinstance(error, PermissionError) else errno.EIO
     about = f" (tensor {tensor!r})" if tensor is not None else ""
     text = str(error) or type(error).__name__
-    return CheckpointIOError(code, f"{what}{about}: {text}{_hint(error)}", path)
+    hint = _hint(error, path)
+    if not hint and isinstance(error, FileNotFoundError) and any(w in what for w in ("writing", "creating", "committing")):
+        hint = " (does the bucket exist? gpusaver does not create buckets)"
+    return CheckpointIOError(code, f"{what}{about}: {text}{hint}", path)
 
 
 @contextlib.contextmanager
@@ -187,11 +197,18 @@ class FsspecStorage(Storage):
         options = dict(storage_options or {})
         options.setdefault("use_listings_cache", False)
         try:
-            self.fs = fsspec.filesystem(protocol, **options)
+            fsspec.get_filesystem_class(protocol)
         except ImportError as e:  # fsspec knows the scheme, its package (s3fs, gcsfs) is missing
-            raise ImportError(f"cannot use {url!r}: {e} ({_EXTRA} installs s3fs for s3://)") from None
+            raise ImportError(f"cannot use {url!r}: {e} ({_EXTRA} installs s3fs for s3:// and "
+                              "gcsfs for gs://)") from None
         except ValueError as e:
             raise ImportError(f"cannot use {url!r}: fsspec has no file system for {protocol!r}:// ({e})") from None
+        # gcsfs checks its credentials here (a token file that is not one, a refresh that fails).
+        with _errors(url, "connecting with the storage options' credentials"):
+            try:
+                self.fs = fsspec.filesystem(protocol, **options)
+            except (KeyError, ValueError) as e:  # a malformed token or key: a credentials problem
+                raise PermissionError(f"{type(e).__name__}: {e}") from e
         self.protocol = protocol
         self.deferred_commit = protocol in _DEFERRED_COMMIT
         self.atomic_replace = protocol in _ATOMIC_RENAME
@@ -227,6 +244,12 @@ class FsspecStorage(Storage):
             return  # object stores have no directories (and creating buckets is not our business)
         with _errors(directory, "creating the checkpoint directory"):
             self.fs.makedirs(self.key(directory), exist_ok=True)
+
+    def move(self, src: str, dst: str):
+        # fsspec's mv is copy + delete: S3's CopyObject (UploadPartCopy above 5 GiB) and GCS's
+        # moveTo or rewrite run in the server, so the bytes never come here; the copy appears whole.
+        with _errors(src, f"moving it to {dst!r}", missing=f"{src!r} not found (moving it to {dst!r})"):
+            self.fs.mv(self.key(src), self.key(dst))
 
     def delete(self, path: str):
         with contextlib.suppress(CheckpointNotFoundError), _errors(path, "deleting", missing=""):

@@ -154,6 +154,14 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
+    def move(self, src: str, dst: str):
+        try:
+            os.replace(src, dst)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and not os.path.lexists(src):
+                raise CheckpointNotFoundError(f"{src!r} not found (moving it to {dst!r})") from None
+            raise io_error(e, src, f"renaming it to {dst!r}") from e
+
     def delete(self, path: str):
         try:
             os.remove(path)

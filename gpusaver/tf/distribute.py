@@ -7,15 +7,19 @@ directories that are then deleted), gpusaver splits the tensors across the worke
 1. Each worker writes its share as a bundle of its own, ``PREFIX.worker-I-of-N.tmp``, in parallel.
 2. A barrier (an all-reduce of "my part is complete") tells every worker whether all parts are.
 3. The chief merges them into one checkpoint at ``PREFIX`` (:mod:`gpusaver.format.merge`:
-   the data files are renamed, one ``.index`` is written last), then runs the commit callback
-   (the ``checkpoint`` state file, retention).
+   the data files are renamed, or on an object store copied by the server and deleted, one
+   ``.index`` is written last), then runs the commit callback (the ``checkpoint`` state file,
+   retention).
 4. A second barrier carries the chief's verdict, so every worker returns the same prefix or
    raises the same failure.
 
 If any worker fails or dies, no checkpoint is committed and the previous one stays the latest;
 the survivors raise :class:`~gpusaver.errors.CheckpointIOError` after at most
-``Options.collective_timeout`` seconds instead of hanging. The workers must share the checkpoint
-directory (one machine, or a shared file system), as the chief renames the others' files.
+``Options.collective_timeout`` seconds instead of hanging; the parts written are removed. The
+workers must share the checkpoint directory, as the chief moves the others' files: one machine, a
+shared file system, or an object store URL (``s3://``, ``gs://``: every worker uploads its part
+with ``Options.storage_options``, and the chief merges them by server-side copies, so no tensor
+bytes travel twice).
 """
 import concurrent.futures
 
@@ -26,6 +30,7 @@ from gpusaver import core
 from gpusaver.errors import CheckpointIOError
 from gpusaver.format.merge import merge
 from gpusaver.manager import remove_checkpoint
+from gpusaver.storage import for_url
 
 
 class Cluster:
@@ -106,7 +111,10 @@ def save(cluster: Cluster, prefix: str, tensors: dict, options, *, stager, to_ar
     try:
         return _commit(cluster, prefix, parts, error, options, on_commit)
     except BaseException:
-        _discard(parts[cluster.task_id])  # nothing committed: this worker's part goes
+        # Nothing committed: this worker's part goes; the chief also removes what a worker that
+        # died after writing its part left (deletes are idempotent, so the two may overlap).
+        for part in (parts if cluster.is_chief else [parts[cluster.task_id]]):
+            _discard(part, options)
         raise
 
 
@@ -127,7 +135,7 @@ def _commit(cluster: Cluster, prefix: str, parts: list[str], error, options, on_
     committed, commit_error = prefix, None
     if complete == cluster.num_workers and cluster.is_chief:
         try:
-            merge(parts, prefix, fsync=options.fsync)
+            merge(parts, prefix, fsync=options.fsync, storage=for_url(prefix, options))
             committed = on_commit(prefix) if on_commit else prefix
         except Exception as e:  # noqa: BLE001 - the other workers wait for this verdict
             commit_error = e
@@ -157,9 +165,9 @@ def _nbytes(tensor) -> int:
     return count * 16 if tensor.dtype == tf.string else count * tensor.dtype.size
 
 
-def _discard(part: str):
+def _discard(part: str, options):
     """Remove this worker's part, if any of it is left (cleanup under another error: best effort)."""
     try:
-        remove_checkpoint(part)
+        remove_checkpoint(part, for_url(part, options))
     except OSError:
         pass
