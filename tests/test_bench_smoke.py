@@ -143,6 +143,20 @@ def test_demo(tmp_path):
     assert (directory / "model-1.index").exists() and (directory / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("script, args, expect", [
+    ("saver_many.py", ["--count", "300", "--runs", "1", "--top", "3"], "restore"),
+    ("restore_ab.py", ["--workloads", "mix,many", "--size-gib", "0.004", "--runs", "1"], "all-or-nothing"),
+    ("checkpoint_bench.py", ["--size-gib", "0.004", "--runs", "1"], "gpusaver.Checkpoint.save_async"),
+])
+def test_bench_scripts_run_tiny(script, args, expect):
+    """The single-purpose scripts of bench/ (their figures are in the README and bench/results)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert expect in proc.stdout
+
+
 def test_bench_rejects_unknown_workload(tmp_path):
     from gpusaver.cli import main
     with pytest.raises(SystemExit, match="unknown workload"):

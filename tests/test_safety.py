@@ -288,27 +288,99 @@ def test_restore_failing_late_changes_no_variable(tmp_path):
         np.testing.assert_array_equal(v.numpy(), np.full(100_000, -1, np.float32))
 
 
+def _count_groups(monkeypatch, fail_at: int | None = None) -> list:
+    """Count the full groups of small values assigned by one traced call each (gpusaver.tf.assign);
+    with ``fail_at``, that call (1-based) raises an injected error after assigning nothing."""
+    from gpusaver.tf import assign
+    real, calls = assign._assign_group, []
+
+    def spy(device, dtype, group):
+        calls.append(len(group))
+        if len(calls) == fail_at:
+            raise OSError(errno.EIO, "injected failure of a group assign")
+        real(device, dtype, group)
+
+    monkeypatch.setattr(assign, "_assign_group", spy)
+    return calls
+
+
+def _failing_midway(monkeypatch, after: int):
+    """Make the restore's value stream raise an I/O error once ``after`` values were handed over."""
+    from gpusaver import core
+    real_load_iter = core.load_iter
+
+    def load_iter(*args, **kwargs):
+        values = real_load_iter(*args, **kwargs)
+        try:
+            for i, item in enumerate(values):
+                if i == after:
+                    raise OSError(errno.EIO, "injected I/O error")
+                yield item
+        finally:
+            values.close()
+
+    monkeypatch.setattr(core, "load_iter", load_iter)
+
+
 def test_restore_io_error_midway_changes_no_variable(tmp_path, monkeypatch):
     tf = pytest.importorskip("tensorflow")
-    from gpusaver.tf import variables as tfvars
-    vs = [tf.Variable(np.full(10, i, np.float32), name=f"v{i}") for i in range(5)]
+    from gpusaver.tf.assign import GROUP
+    # Many small variables: whole groups are assigned, and others wait in a group, when the error comes.
+    vs = [tf.Variable(np.full(10, i, np.float32), name=f"v{i:03d}") for i in range(200)] + \
+         [tf.Variable(np.full(100_000, 7, np.float32), name="v_large")]  # assigned on its own, first
     saver = gpusaver.Saver(vs)
     prefix = saver.save(str(tmp_path / "m"))
     for v in vs:
         v.assign(tf.fill(v.shape, -1.0))
-    real_assign, calls = tfvars.assign, []
-
-    def assign(var, value):
-        calls.append(var)
-        if len(calls) == 3:
-            raise OSError(errno.EIO, "injected I/O error")
-        real_assign(var, value)
-
-    monkeypatch.setattr(tfvars, "assign", assign)
-    with pytest.raises(OSError):
+    groups = _count_groups(monkeypatch)
+    _failing_midway(monkeypatch, after=150)
+    with pytest.raises(OSError, match="injected I/O error"):
         saver.restore(prefix)
+    assert groups[:150 // GROUP] == [GROUP] * (150 // GROUP)  # values were assigned before the failure
     for v in vs:
-        np.testing.assert_array_equal(v.numpy(), np.full(10, -1, np.float32))
+        np.testing.assert_array_equal(v.numpy(), np.full(v.shape, -1, np.float32))
+
+
+def test_restore_crc_failure_late_among_many_small_variables_changes_no_variable(tmp_path, monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    vs = [tf.Variable(np.full(2048, i, np.float32), name=f"v{i:04d}") for i in range(1000)]
+    saver = gpusaver.Saver(vs)
+    prefix = saver.save(str(tmp_path / "m"))
+    with gpusaver.format.BundleReader(prefix) as r:
+        last = max(r.keys(), key=lambda n: r.entry(n).offset)
+        entry = r.entry(last)
+    data = naming.data_path(prefix, 0, 1)
+    raw = bytearray(open(data, "rb").read())
+    raw[entry.offset + entry.size - 1] ^= 0x01
+    open(data, "wb").write(bytes(raw))
+    for v in vs:
+        v.assign(tf.fill(v.shape, -1.0))
+    groups = _count_groups(monkeypatch)
+    with pytest.raises(CorruptCheckpointError, match=last):
+        saver.restore(prefix)
+    assert len(groups) >= 2  # groups were assigned (and put back) before the bad tensor was read
+    for v in vs:
+        np.testing.assert_array_equal(v.numpy(), np.full(2048, -1, np.float32))
+
+
+def test_restore_group_assign_failing_puts_back_the_groups_before(tmp_path, monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    from gpusaver.tf.assign import GROUP
+    vs = [tf.Variable(np.full(4, i, np.int32), name=f"v{i:03d}") for i in range(3 * GROUP)]
+    saver = gpusaver.Saver(vs)
+    prefix = saver.save(str(tmp_path / "m"))
+    for v in vs:
+        v.assign(tf.fill(v.shape, -1))
+    groups = _count_groups(monkeypatch, fail_at=2)
+    with pytest.raises(OSError, match="injected failure of a group assign"):
+        saver.restore(prefix)
+    assert len(groups) >= 2
+    for v in vs:
+        np.testing.assert_array_equal(v.numpy(), np.full(4, -1, np.int32))
+    monkeypatch.undo()
+    saver.restore(prefix)  # and a restore after the failure goes through
+    for i, v in enumerate(vs):
+        np.testing.assert_array_equal(v.numpy(), np.full(4, i, np.int32))
 
 
 # -- 5. partitioned entries are checked before anything is allocated ------------------------------

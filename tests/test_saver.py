@@ -260,3 +260,116 @@ def test_missing_keys_in_object_based_checkpoint_point_to_checkpoint(tmp_path):
     with pytest.raises(MissingKeysError, match=r"(?s)'w'.*'w/.ATTRIBUTES/VARIABLE_VALUE'.*object-based.*"
                                                r"gpusaver.Checkpoint"):
         gpusaver.Saver([tf.Variable(1.0, name="w")]).restore(path)
+
+
+# -- many small variables: grouped assigns (gpusaver.tf.assign), one dtype/shape check -----------
+def _spy_groups(monkeypatch):
+    """Count the full groups assigned by one traced call each; returns the list of group sizes."""
+    from gpusaver.tf import assign
+    real, sizes = assign._assign_group, []
+
+    def spy(device, dtype, group):
+        sizes.append((dtype, len(group)))
+        real(device, dtype, group)
+
+    monkeypatch.setattr(assign, "_assign_group", spy)
+    return sizes
+
+
+_MANY_DTYPES = [np.float32, np.float64, np.float16, "bfloat16", np.int8, np.int32, np.int64, np.uint8,
+                np.bool_, np.complex64, "string"]
+_MANY_SHAPES = [(), (0,), (3,), (2, 3, 4), (1, 1)]
+
+
+def _many_values(seed: int) -> dict:
+    """{name: array}: 150 float32 vectors, 70 values of every dtype cycling through edge shapes
+    (a full group each), and one large value, under names that interleave dtypes in file order."""
+    import ml_dtypes
+    rng = np.random.default_rng(seed)
+    values = {f"{i:03d}/f32": rng.standard_normal(7 + i % 5).astype(np.float32) for i in range(150)}
+    for i, dtype in enumerate(_MANY_DTYPES):
+        for j in range(70):
+            shape = _MANY_SHAPES[j % len(_MANY_SHAPES)]
+            if dtype == "string":
+                value = np.array([f"s{seed}-{k}".encode() for k in range(int(np.prod(shape)))],
+                                 dtype=object).reshape(shape)
+            else:
+                dt = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+                value = (rng.standard_normal(shape) * 50).astype(dt)
+            values[f"{j:03d}/{i:02d}"] = value
+    values["large"] = rng.standard_normal(100_000).astype(np.float32)  # 400 KB: assigned on its own
+    return values
+
+
+def _assert_same(variables: dict, values: dict):
+    """Each variable holds exactly its value: dtype, shape and bytes (strings: the same bytes)."""
+    for name, value in values.items():
+        got = np.asarray(variables[name].numpy())  # a scalar string's numpy() is bytes
+        assert got.shape == value.shape, name
+        if value.dtype == object:
+            assert got.tolist() == value.tolist(), name
+        else:
+            assert got.dtype == value.dtype and got.tobytes() == value.tobytes(), name
+
+
+def test_many_small_variables_restore_exactly_through_groups(tmp_path, monkeypatch):
+    sizes = _spy_groups(monkeypatch)
+    first, second = _many_values(1), _many_values(2)
+    variables = {name: tf.Variable(value) for name, value in first.items()}
+    saver = gpusaver.Saver(variables)
+    prefix = saver.save(str(tmp_path / "m"))
+    for name, var in variables.items():
+        var.assign(second[name])
+    sizes.clear()
+    status = saver.restore(prefix)
+    _assert_same(variables, first)
+    assert sorted(status.restored) == sorted(first)
+    from gpusaver.tf.assign import GROUP
+    # Full groups, one traced call each (the rest one op each): float32 has 150 + 70 values.
+    assert all(size == GROUP for _, size in sizes)
+    assert sorted(dtype.name for dtype, _ in sizes) == sorted(
+        ["float32"] * ((150 + 70) // GROUP) + [tf.as_dtype(d).name for d in _MANY_DTYPES if d != np.float32])
+    # Again, into the values it now holds, and from a checkpoint TF's own Saver wrote.
+    for name, var in variables.items():
+        var.assign(second[name])
+    tf_prefix = tf.compat.v1.train.Saver(variables).save(None, str(tmp_path / "tf"))
+    for name, var in variables.items():
+        var.assign(first[name])
+    saver.restore(tf_prefix)
+    _assert_same(variables, second)
+
+
+def test_variable_of_unknown_shape_takes_any_shape_and_partial_shapes_are_checked(tmp_path):
+    prefix = gpusaver.Saver({**{f"v{i:03d}": tf.Variable(np.zeros(4, np.float32)) for i in range(100)},
+                             "free": tf.Variable(np.arange(10, dtype=np.float32)),
+                             "rows": tf.Variable(np.ones((5, 3), np.float32))}).save(str(tmp_path / "c"))
+    free = tf.Variable(np.zeros(2, np.float32), shape=tf.TensorShape(None))
+    rows = tf.Variable(np.zeros((2, 3), np.float32), shape=tf.TensorShape([None, 3]))
+    others = {f"v{i:03d}": tf.Variable(np.ones(4, np.float32)) for i in range(100)}
+    gpusaver.Saver({**others, "free": free, "rows": rows}).restore(prefix)
+    np.testing.assert_array_equal(free.numpy(), np.arange(10, dtype=np.float32))
+    np.testing.assert_array_equal(rows.numpy(), np.ones((5, 3), np.float32))
+    assert all((v.numpy() == 0).all() for v in others.values())
+    wide = tf.Variable(np.zeros((2, 4), np.float32), shape=tf.TensorShape([None, 4]))
+    with pytest.raises(MismatchError, match=r"'rows'.*shape in checkpoint is \(5, 3\)"):
+        gpusaver.Saver({**others, "rows": wide}).restore(prefix)
+
+
+def test_mismatch_of_the_last_of_many_variables_is_named_before_any_assign(tmp_path):
+    names = [f"v{i:03d}" for i in range(200)]
+    prefix = gpusaver.Saver({n: tf.Variable(np.full(3, i, np.float32)) for i, n in enumerate(names)}).save(
+        str(tmp_path / "c"))
+    targets = {n: tf.Variable(np.full(3, -1, np.float32)) for n in names[:-1]}
+    targets[names[-1]] = tf.Variable(np.full(3, -1, np.float64))
+    with pytest.raises(MismatchError, match=r"'v199'.*dtype in checkpoint is float32, variable is float64"):
+        gpusaver.Saver(targets).restore(prefix)
+    assert all((v.numpy() == -1).all() for v in targets.values())
+
+
+def test_groups_form_only_for_this_hosts_cpu():
+    from gpusaver.tf.assign import Assigner
+    assigner = Assigner()
+    local = tf.Variable(1.0).device
+    assert assigner._groups_on(local) and assigner._groups_on("")
+    assert not assigner._groups_on(local.replace("CPU:0", "GPU:0"))
+    assert not assigner._groups_on("/job:ps/replica:0/task:1/device:CPU:0")

@@ -39,6 +39,7 @@ from tensorflow.python.training.saving import saveable_object, saveable_object_u
 from gpusaver import core, storage
 from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
+from gpusaver.tf.assign import Assigner
 from gpusaver.errors import MissingKeysError, UnsupportedError
 from gpusaver.format.naming import OBJECT_GRAPH_KEY
 from gpusaver.format.reader import BundleReader
@@ -205,11 +206,13 @@ def _restore(reader: _Reader, stager, saveables: list):
                 for key, var in plain.items()]
     requests += [(spec.name, CPU) for s in other for spec in s.specs]
     arrays = {}
+    assigner = Assigner()  # small host values in groups: see gpusaver.tf.assign
     for key, value in core.load_iter(bundle, list(dict(requests).items()), stager):
         if key in plain:
-            tfvars.assign(plain[key], value)
+            assigner.add(plain[key], value)
         else:
             arrays[key] = value
+    assigner.flush()
     for s in other:
         tensors = [tf.convert_to_tensor(arrays[spec.name], dtype=spec.dtype) for spec in s.specs]
         s.restore(tensors, None)

@@ -9,6 +9,7 @@ import time
 from gpusaver import core, storage
 from gpusaver.errors import InvalidArgumentError, MissingKeysError, NotConsumedError, closest_names, without_numbering
 from gpusaver.format import paths
+from gpusaver.format.dtypes import enum_to_dtype
 from gpusaver.format.naming import OBJECT_GRAPH_KEY
 from gpusaver.format.reader import BundleReader
 from gpusaver.log import log_done
@@ -17,6 +18,7 @@ from gpusaver.manager import Retention, as_int, check_max_to_keep
 from gpusaver.options import Options
 from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
+from gpusaver.tf.assign import Assigner
 from gpusaver.staging.devices import Device
 
 _SHOWN = 20  # names listed in a message
@@ -108,6 +110,7 @@ class Saver:
         tfvars.require_eager("__init__")
         self._vars = tfvars.name_variables(var_list)
         self._read_all = tfvars.SnapshotReader(list(self._vars.values()))
+        self._fits = tfvars.FitChecker(self._vars)
         self._on_gpu = any(tfvars.device_of(v).is_cuda for v in self._vars.values())
         self._cluster = distribute.cluster_of(self._vars.values())  # None unless multi-worker
         self._options = options or Options()
@@ -247,33 +250,41 @@ class Saver:
                                         [k for k in untaken if k != OBJECT_GRAPH_KEY], pair_from=missing)
                 raise MissingKeysError(missing, prefix, fix=_missing_fix(missing, untaken, closest),
                                        closest=closest)
-            for name, var in self._vars.items():
-                entry = reader.entry(name)
-                tfvars.check_fits(name, var, entry.dtype, entry.shape)
-            # Placement is per device, not per variable: thousands of variables share a few devices.
-            by_device: dict[str, Device] = {}
+            entries = [reader.entry(name) for name in self._vars]
+            self._fits.check(entries)
+            # Placement is per device and dtype, not per variable: thousands of variables share a few.
+            staging: dict[tuple[str, int], Device] = {}
             requests = []
-            for name, var in self._vars.items():
-                if var.device not in by_device:
-                    by_device[var.device] = tfvars.target_device(var, device_map)
-                requests.append((name, self._stager.staging_device(by_device[var.device], reader.dtype(name))))
-            # Values arrive in file order and are assigned as they come (overlapping reads); the
-            # previous values are held (copy-on-write reads: no copy, a few batched op calls) and
-            # put back if a later tensor fails, so a failed restore changes nothing. They are read
-            # once the first value is in, while the reader threads fetch the next batches.
+            for (name, var), entry in zip(self._vars.items(), entries):
+                where = staging.get((var.device, entry.dtype))
+                if where is None:
+                    target = tfvars.target_device(var, device_map)
+                    where = staging[var.device, entry.dtype] = self._stager.staging_device(
+                        target, enum_to_dtype(entry.dtype))
+                requests.append((name, where))
+            # Values arrive in file order and are assigned as they come (overlapping reads), small
+            # host ones in groups (see gpusaver.tf.assign); the previous values are held
+            # (copy-on-write reads: no copy, a few batched op calls) and put back if a later tensor
+            # fails, so a failed restore changes nothing. They are read once the first value is in,
+            # while the reader threads fetch the next batches.
             previous: dict | None = None
-            assigned = []
+            handed = []  # names given to the assigner: assigned, or waiting in a group
+            assigner = Assigner()
             try:
                 for name, value in core.load_iter(reader, requests, self._stager):
                     if previous is None:
                         previous = dict(zip(self._vars, self._read_all()))
-                    assigned.append(name)
-                    tfvars.assign(self._vars[name], value)
+                    handed.append(name)
+                    assigner.add(self._vars[name], value)
+                assigner.flush()
             except BaseException:
-                for name in assigned:
-                    tfvars.assign_tensor(self._vars[name], previous[name])
+                # Putting back a variable whose value was still waiting assigns it what it holds.
+                rollback = Assigner()
+                for name in handed:
+                    rollback.add(self._vars[name], previous[name])
+                rollback.flush()
                 raise
-            log_done("restore", prefix, sum(reader.entry(n).size for n in self._vars),
+            log_done("restore", prefix, sum(e.size for e in entries),
                      time.perf_counter() - started)
             unused = [k for k in reader.keys() if k not in self._vars and k != OBJECT_GRAPH_KEY]
         return RestoreStatus(prefix, list(self._vars), unused)

@@ -205,6 +205,9 @@ def export_gpu(value):
         return tf.identity(value)
 
 
+_DT_STRING, _DT_BFLOAT16 = tf.string.as_datatype_enum, tf.bfloat16.as_datatype_enum
+
+
 def as_array(value):
     """A snapshot value as an array the core can stage, without copying it where TF allows.
 
@@ -214,11 +217,13 @@ def as_array(value):
     """
     if isinstance(value, (dlpack.CapsuleProducer, np.ndarray)):
         return value
-    if value.dtype == tf.string:
+    # Integer compares: this runs once per tensor of every save, and DType.__eq__ costs ~1 µs.
+    dtype = value.dtype.as_datatype_enum
+    if dtype == _DT_STRING:
         return np.asarray(value.numpy(), dtype=object)  # a scalar string's numpy() is bytes
     if devices.parse(value.device).is_cuda:  # not exported: the core's DLPack import handles it
         return value
-    if value.dtype == tf.bfloat16:
+    if dtype == _DT_BFLOAT16:
         return _numpy_view(tf.bitcast(value, tf.uint16)).view(ml_dtypes.bfloat16)
     return _numpy_view(value)
 
@@ -234,6 +239,31 @@ def check_fits(name: str, var: tf.Variable, dtype_enum: int, shape: tuple[int, .
     if not var.shape.is_compatible_with(tuple(shape)):
         want = tuple(var.shape.as_list()) if var.shape.rank is not None else var.shape
         raise MismatchError(f"variable {name!r}: shape in checkpoint is {tuple(shape)}, variable is {want}")
+
+
+class FitChecker:
+    """:func:`check_fits` for all of a Saver's variables at once.
+
+    What each variable takes (its dtype's enum and, where fully known, its shape) is worked out once:
+    a variable's dtype and declared shape never change. A checkpoint's entries are then compared as
+    one list (a few ms for 30,000 variables, where 30,000 :func:`check_fits` calls take ~0.2 s); only
+    the variables whose entry differs, or whose shape is not fully known, go through
+    :func:`check_fits`, which accepts them or raises MismatchError naming them.
+    """
+
+    def __init__(self, named: dict[str, tf.Variable]):
+        self._named = list(named.items())
+        self._expected = [(v.dtype.as_datatype_enum, tuple(v.shape.as_list()) if v.shape.is_fully_defined() else None)
+                          for v in named.values()]
+
+    def check(self, entries: list):
+        """Raise MismatchError unless each entry (in the order of the variables given) fits its variable."""
+        found = [(e.dtype, tuple(e.shape)) for e in entries]
+        if found == self._expected:
+            return
+        for (name, var), entry, got, expected in zip(self._named, entries, found, self._expected, strict=True):
+            if got != expected:
+                check_fits(name, var, entry.dtype, entry.shape)
 
 
 def device_of(var: tf.Variable) -> Device:
@@ -338,7 +368,7 @@ def target_device(var: tf.Variable, device_map: dict | None) -> Device:
     return Device("cuda", ordinal, target.name or f"/device:GPU:{target.index}")
 
 
-def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
+def host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     """A TF tensor over a restored host array, zero-copy through DLPack where TF allows.
 
     The arrays come from the reader, 64-byte aligned and never reused, so TF may adopt the buffer
@@ -347,7 +377,7 @@ def _host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     if value.dtype.kind == "O":
         return tf.convert_to_tensor(value, dtype=dtype)
     if value.dtype == ml_dtypes.bfloat16:  # numpy's DLPack has no bfloat16: go through uint16
-        return tf.bitcast(_host_tensor(value.view(np.uint16), tf.uint16), tf.bfloat16)
+        return tf.bitcast(host_tensor(value.view(np.uint16), tf.uint16), tf.bfloat16)
     try:
         return tf.experimental.dlpack.from_dlpack(value.__dlpack__())
     except Exception:  # e.g. a dtype TF's DLPack import refuses
@@ -376,5 +406,5 @@ def assign(var: tf.Variable, value):
             dlpack.device_field(capsule)[1] = tf_index
         tensor = tf.experimental.dlpack.from_dlpack(capsule)
     else:
-        tensor = _host_tensor(value, var.dtype)
+        tensor = host_tensor(value, var.dtype)
     tf.raw_ops.AssignVariableOp(resource=var.handle, value=tensor)
