@@ -226,7 +226,7 @@ def test_checkpoint_save_restore(s3, tf):
     np.testing.assert_array_equal(v.numpy(), np.arange(6, dtype=np.float32))
 
 
-def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh_s3_clients):
+def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh_s3_clients, tf):
     # The environment points at a closed loopback port with wrong keys: only the options reach the server.
     from servers import free_ports
 
@@ -237,6 +237,10 @@ def test_save_uses_the_storage_options_alone(seaweed, s3_url, monkeypatch, fresh
     options = gpusaver.Options(storage_options=seaweed.storage_options())
     gpusaver.save(s3_url + "/model", {"a": np.ones(3)}, options)
     assert gpusaver.load(s3_url + "/model", options=options)["a"].tolist() == [1, 1, 1]
+    # gpusaver.Checkpoint.save writes its state object (``checkpoint``) with them too.
+    directory = s3_url.rsplit("/", 1)[0]
+    path = gpusaver.Checkpoint(v=tf.Variable([1.0, 2.0]), options=options).save(directory + "/ckpt")
+    assert gpusaver.latest_checkpoint(directory, for_url(directory, options)) == path
 
 
 def test_checkpoint_manager_on_s3_keeps_its_newest_and_recovers_after_a_restart(s3, tf):

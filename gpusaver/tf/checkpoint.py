@@ -329,7 +329,7 @@ class Checkpoint(tf.train.Checkpoint):
         callbacks = list(getattr(options, "experimental_write_callbacks", None) or [])
         state = self._gpusaver
         commit = functools.partial(_commit, update_state=update_state, callbacks=callbacks, on_commit=on_commit,
-                                   fsync=state.options.fsync)
+                                   fsync=state.options.fsync, store=storage.for_url(prefix, state.options))
         if cluster is not None:  # every worker writes a share, the chief commits; not in the background
             future = distribute.save_future(cluster, prefix, tensors, state.options, stager=state.stager,
                                             to_array=tfvars.as_array, on_commit=commit)
@@ -410,14 +410,14 @@ class Checkpoint(tf.train.Checkpoint):
                      feed_dict=None, options=options)
 
 
-def _commit(prefix: str, update_state: bool, callbacks, on_commit=None, fsync: bool = False) -> str:
+def _commit(prefix: str, update_state: bool, callbacks, on_commit=None, fsync: bool = False, store=None) -> str:
     """Runs on the save thread once the checkpoint's index exists: the state file (as
-    ``tf.train.Checkpoint.save`` writes it: this checkpoint only, relative) or a manager's commit,
-    then callbacks. If one raises, the writer rolls the new files back."""
+    ``tf.train.Checkpoint.save`` writes it: this checkpoint only, relative; on ``store``, the
+    storage of the prefix) or a manager's commit, then callbacks. If one raises, the writer rolls
+    the new files back."""
     if update_state:
-        directory = os.path.dirname(prefix) or "."
-        rel = os.path.relpath(prefix, directory)
-        write_state(directory, CheckpointState(rel, [rel]), fsync=fsync)
+        name = os.path.basename(prefix)
+        write_state(os.path.dirname(prefix) or ".", CheckpointState(name, [name]), fsync=fsync, storage=store)
     if on_commit is not None:
         on_commit(prefix)
     for callback in callbacks:
