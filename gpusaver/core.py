@@ -8,7 +8,7 @@ import functools
 import threading
 from typing import Any, Iterable, Mapping
 
-from gpusaver import storage
+from gpusaver import gcpause, storage
 from gpusaver.errors import MissingKeysError
 from gpusaver.format import paths
 from gpusaver.format.reader import BundleReader
@@ -98,7 +98,7 @@ def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",
         keys = [keys.decode() if isinstance(keys, bytes) else keys]
     options = options or Options()
     stager = _default_stager(options)
-    with BundleReader(file_prefix, storage.for_url(file_prefix, options)) as reader:
+    with gcpause.paused(), BundleReader(file_prefix, storage.for_url(file_prefix, options)) as reader:
         names = reader.keys() if keys is None else list(keys)
         missing = [n for n in names if n not in reader] if keys is not None else []  # keys(): all there
         if missing:

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
+from gpusaver import gcpause
 from gpusaver.format import strings
 from gpusaver.format.bundle import num_elements
 from gpusaver.format.dtypes import dtype_to_enum
@@ -81,7 +82,9 @@ class SaveJob:
 
     def _run(self):
         try:
-            self.future.set_result(self._save())
+            with gcpause.paused():  # the per-tensor objects of a save: see gpusaver.gcpause
+                result = self._save()
+            self.future.set_result(result)
         except BaseException as e:  # noqa: B902 — re-raised by future.result() in the caller
             self.future.set_exception(e)
         finally:

@@ -36,7 +36,7 @@ from tensorflow.python.checkpoint import save_util
 from tensorflow.python.ops import resource_variable_ops
 from tensorflow.python.training.saving import saveable_object, saveable_object_util
 
-from gpusaver import core, storage
+from gpusaver import core, gcpause, storage
 from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
 from gpusaver.tf.assign import Assigner
@@ -170,7 +170,8 @@ class _RestoreCoordinator(tf_checkpoint._CheckpointRestoreCoordinator):  # pylin
         if registered_savers or sliced:  # TF restores these itself, from the same files
             _call(super().restore_saveables, tensor_saveables=sliced, python_positions=[],
                   registered_savers=registered_savers, reader=None)
-        _restore(self._gs_reader, self._gs_stager, [s for s in flat if s not in sliced])
+        with gcpause.paused():
+            _restore(self._gs_reader, self._gs_stager, [s for s in flat if s not in sliced])
         return []
 
 
@@ -319,6 +320,10 @@ class Checkpoint(tf.train.Checkpoint):
             return self._start(prefix, options, update_state=False, on_commit=on_commit)
 
     def _start(self, prefix: str, options, update_state: bool, on_commit=None) -> concurrent.futures.Future:
+        with gcpause.paused():
+            return self._snapshot_and_write(prefix, options, update_state, on_commit)
+
+    def _snapshot_and_write(self, prefix: str, options, update_state: bool, on_commit) -> concurrent.futures.Future:
         proto, values, variables, cluster = _gather(self._saver)
         tensors = _read_values(values, variables)
         tensors[OBJECT_GRAPH_KEY] = np.asarray(proto.SerializeToString(), dtype=object)

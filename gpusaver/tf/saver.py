@@ -6,7 +6,7 @@ import re
 import threading
 import time
 
-from gpusaver import core, storage
+from gpusaver import core, gcpause, storage
 from gpusaver.errors import InvalidArgumentError, MissingKeysError, NotConsumedError, closest_names, without_numbering
 from gpusaver.format import paths
 from gpusaver.format.dtypes import enum_to_dtype
@@ -182,7 +182,7 @@ class Saver:
         if options is not None:
             raise InvalidArgumentError("options (tf.train.CheckpointOptions) apply to checkpoint objects, not to "
                                        "gpusaver.Saver; pass gpusaver.Options to the Saver instead")
-        with self._lock:
+        with self._lock, gcpause.paused():
             raise_unobserved(self._inflight)
             # Holding the tensors is the snapshot; turning them into arrays happens in the background.
             tensors = dict(zip(self._vars, self._read_all()))
@@ -240,7 +240,7 @@ class Saver:
         self.wait(raise_errors=False)
         started = time.perf_counter()
         prefix = paths.for_read(file_prefix, "Saver.restore", self._options)
-        with BundleReader(prefix, storage.for_url(prefix, self._options)) as reader:
+        with gcpause.paused(), BundleReader(prefix, storage.for_url(prefix, self._options)) as reader:
             missing = [n for n in self._vars if n not in reader]
             if missing:
                 # Only the names no variable took are candidates for the ones missing.
