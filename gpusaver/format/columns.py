@@ -159,12 +159,12 @@ class IndexColumns:
         unique = list(dict.fromkeys(self._shapes))
         row_of = {shape: i for i, shape in enumerate(unique)}
         shapes = from_bytes([proto.shape_field(shape) for shape in unique] or [b""])
-        rows = np.fromiter(map(row_of.__getitem__, self._shapes), np.int64, n - 1)
-        shape = Ragged(shapes.data[np.concatenate([[0], rows])],
-                       np.where(plain, shapes.lengths[np.concatenate([[0], rows])], 0))
+        # Row 0 (the header) takes any shape row: its length is masked out below.
+        rows = np.concatenate([[0], np.fromiter(map(row_of.__getitem__, self._shapes), np.int64, n - 1)])
+        shape = Ragged(shapes.data[rows], np.where(plain, shapes.lengths[rows], 0))
         crcs = np.array([0] + self._crcs, "<u4")
-        crc = Ragged(np.concatenate([np.full((n, 1), proto.T_CRC, np.uint8), crcs.view(np.uint8).reshape(n, 4)], axis=1),
-                     np.where(plain & (crcs != 0), 5, 0))
+        tagged = np.concatenate([np.full((n, 1), proto.T_CRC, np.uint8), crcs.view(np.uint8).reshape(n, 4)], axis=1)
+        crc = Ragged(tagged, np.where(plain & (crcs != 0), 5, 0))
         columns = [whole, field(self._dtypes, proto.T_DTYPE), shape, field(self._shards, proto.T_SHARD),
                    field(self._offsets, proto.T_OFFSET), field(self._sizes, proto.T_SIZE), crc]
         flat, lengths = join(columns)

@@ -84,7 +84,6 @@ class BundleReader:
         # anything odd) one by one on first use, by the full parser, which names what is wrong.
         self._entries: dict[bytes, Entry | None] = dict(zip(self._raw, entries.decode(list(self._raw.values()),
                                                                                      self.num_shards)))
-        self._by_name: dict[str, Entry] = {}
 
     def _open_data(self):
         """Open every data file now; a missing or unreadable one is reported when first read from
@@ -116,10 +115,7 @@ class BundleReader:
 
     def entry(self, name: str) -> Entry:
         """The index entry of ``name``. Raises KeyError if absent, CorruptCheckpointError if garbled."""
-        entry = self._by_name.get(name)  # a restore asks several times per tensor
-        if entry is None:
-            entry = self._by_name[name] = self._entry(name.encode("utf-8"), name)
-        return entry
+        return self._entry(name.encode("utf-8"), name)
 
     def _entry(self, key: bytes, name: str) -> Entry:
         entry = self._entries.get(key)

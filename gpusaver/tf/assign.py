@@ -80,9 +80,7 @@ class Assigner:
         """Assign the values still waiting in groups that are not full, one op each."""
         groups, self._groups = self._groups, {}
         for (device, _), group in groups.items():
-            with tf.device(device):
-                for handle, tensor in group:
-                    tf.raw_ops.AssignVariableOp(resource=handle, value=tensor)
+            _assign_each(device, group)
 
     def _groups_on(self, device: str) -> bool:
         local = self._local_host.get(device)
@@ -106,9 +104,15 @@ def _groupable(value) -> bool:
 def _assign_group(device: str, dtype: tf.DType, group: list):
     """Assign a full group on ``device``: one call of the traced function, or one op each without it."""
     function = group_function(dtype)
+    if function is None:
+        _assign_each(device, group)
+        return
     with tf.device(device):
-        if function is None:
-            for handle, tensor in group:
-                tf.raw_ops.AssignVariableOp(resource=handle, value=tensor)
-            return
         function._call_flat([h for h, _ in group] + [t for _, t in group], function.captured_inputs)
+
+
+def _assign_each(device: str, group: list):
+    """Assign a group's (handle, tensor) pairs on ``device``, one eager op each."""
+    with tf.device(device):
+        for handle, tensor in group:
+            tf.raw_ops.AssignVariableOp(resource=handle, value=tensor)

@@ -320,29 +320,27 @@ class Checkpoint(tf.train.Checkpoint):
             return self._start(prefix, options, update_state=False, on_commit=on_commit)
 
     def _start(self, prefix: str, options, update_state: bool, on_commit=None) -> concurrent.futures.Future:
-        with gcpause.paused():
-            return self._snapshot_and_write(prefix, options, update_state, on_commit)
-
-    def _snapshot_and_write(self, prefix: str, options, update_state: bool, on_commit) -> concurrent.futures.Future:
-        proto, values, variables, cluster = _gather(self._saver)
-        tensors = _read_values(values, variables)
-        tensors[OBJECT_GRAPH_KEY] = np.asarray(proto.SerializeToString(), dtype=object)
-        if any(tfvars.device_of(v).is_cuda for v in variables.values()):
-            # As in gpusaver.Saver: wait for TF's device work once, then take the capsules here.
-            tfvars.sync_devices()
-            tensors = {k: v if isinstance(v, np.ndarray) else tfvars.export_gpu(v) for k, v in tensors.items()}
-        callbacks = list(getattr(options, "experimental_write_callbacks", None) or [])
-        state = self._gpusaver
-        commit = functools.partial(_commit, update_state=update_state, callbacks=callbacks, on_commit=on_commit,
-                                   fsync=state.options.fsync, store=storage.for_url(prefix, state.options))
-        if cluster is not None:  # every worker writes a share, the chief commits; not in the background
-            future = distribute.save_future(cluster, prefix, tensors, state.options, stager=state.stager,
-                                            to_array=tfvars.as_array, on_commit=commit)
-        else:
-            future = core.save_async(prefix, tensors, state.options, stager=state.stager, on_done=commit,
-                                     to_array=tfvars.as_array, copy_on_write=True)
-        state.inflight = future
-        return future
+        with gcpause.paused():  # the snapshot's per-variable objects: see gpusaver.gcpause
+            proto, values, variables, cluster = _gather(self._saver)
+            tensors = _read_values(values, variables)
+            tensors[OBJECT_GRAPH_KEY] = np.asarray(proto.SerializeToString(), dtype=object)
+            if any(tfvars.device_of(v).is_cuda for v in variables.values()):
+                # As in gpusaver.Saver: wait for TF's device work once, then take the capsules here.
+                tfvars.sync_devices()
+                tensors = {k: v if isinstance(v, np.ndarray) else tfvars.export_gpu(v) for k, v in tensors.items()}
+            callbacks = list(getattr(options, "experimental_write_callbacks", None) or [])
+            state = self._gpusaver
+            commit = functools.partial(_commit, update_state=update_state, callbacks=callbacks,
+                                       on_commit=on_commit, fsync=state.options.fsync,
+                                       store=storage.for_url(prefix, state.options))
+            if cluster is not None:  # every worker writes a share, the chief commits; not in the background
+                future = distribute.save_future(cluster, prefix, tensors, state.options, stager=state.stager,
+                                                to_array=tfvars.as_array, on_commit=commit)
+            else:
+                future = core.save_async(prefix, tensors, state.options, stager=state.stager, on_done=commit,
+                                         to_array=tfvars.as_array, copy_on_write=True)
+            state.inflight = future
+            return future
 
     def sync(self):
         """Wait for the save in flight (and TF's own async save, if one was asked for); re-raise
