@@ -15,6 +15,7 @@ from gpusaver.format.reader import BundleReader
 from gpusaver.options import Options
 from gpusaver.staging import devices, pipeline
 from gpusaver.staging.devices import Device
+from gpusaver.staging.pool import HostSlabs
 from gpusaver.staging.stager import Stager
 
 
@@ -78,8 +79,10 @@ def save(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = 
 
 
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], stager: Stager):
-    """Yield ``(name, array)`` for (name, device) requests, in file order; see :func:`pipeline.load_iter`."""
-    return pipeline.load_iter(reader, requests, stager.options, lambda batch: stager.fetch(reader, batch))
+    """Yield ``(name, array)`` for (name, device) requests, in file order; see :func:`pipeline.load_iter`.
+    Host arrays of up to 4 MiB share 32 MiB slabs (see :class:`HostSlabs`)."""
+    slabs = HostSlabs()
+    return pipeline.load_iter(reader, requests, stager.options, lambda batch: stager.fetch(reader, batch, slabs))
 
 
 def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",

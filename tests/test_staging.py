@@ -13,7 +13,7 @@ import gpusaver
 from gpusaver.format import BundleReader
 from gpusaver import core
 from gpusaver.staging import devices, pipeline
-from gpusaver.staging.pool import BufferPool
+from gpusaver.staging.pool import BufferPool, HostSlabs
 
 tf = pytest.importorskip("tensorflow")
 MiB = 1 << 20
@@ -86,9 +86,10 @@ def test_load_reads_ahead_within_the_budget(tmp_path):
     stager = core.Stager(opts)
     lock = threading.Lock()
     held = {"now": 0, "peak": 0}  # bytes fetched and not yet consumed
+    slabs = HostSlabs()
 
     def fetch(batch):
-        values = stager.fetch(reader, batch)
+        values = stager.fetch(reader, batch, slabs)
         with lock:
             held["now"] += sum(v.nbytes for v in values)
             held["peak"] = max(held["peak"], held["now"])
@@ -225,3 +226,28 @@ def test_framework_neutral_api_without_tensorflow(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_host_slabs_hand_out_aligned_pieces_that_never_overlap():
+    """Reader threads carve a load's memory concurrently: every piece starts on a 64-byte
+    boundary, none overlaps another, and pieces above an eighth of a slab get memory of their own."""
+    slabs = HostSlabs(slab_bytes=1 << 16)
+    sizes = [1, 63, 64, 65, 4000, 0, 8192, 8193, 100]
+    taken, lock = [], threading.Lock()
+
+    def carve(seed):
+        mine = [(slabs.region(n), n) for n in np.random.default_rng(seed).permutation(sizes * 20)]
+        with lock:
+            taken.extend(mine)
+
+    threads = [threading.Thread(target=carve, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans = sorted((piece.ctypes.data, piece.ctypes.data + n) for piece, n in taken if n)
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:]))
+    assert all(len(piece) == n for piece, n in taken)
+    alone = [piece for piece, n in taken if n > slabs.max_piece]
+    assert alone and all(piece.base.nbytes < slabs.slab_bytes for piece in alone)

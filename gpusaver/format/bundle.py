@@ -8,6 +8,11 @@ import math
 import numpy as np
 
 MAX_SHARDS = 1 << 16
+ALIGN = 64  # TF and DLPack consumers adopt 64-byte aligned host memory without copying it
+
+
+def align_up(nbytes: int, alignment: int = ALIGN) -> int:
+    return -(-nbytes // alignment) * alignment
 
 
 def byte_view(buf) -> memoryview:

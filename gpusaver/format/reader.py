@@ -10,7 +10,7 @@ import numpy as np
 
 from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, MismatchError, UnsupportedError
 from gpusaver.format import entries, naming, strings
-from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
+from gpusaver.format.bundle import MAX_SHARDS, align_up, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
 from gpusaver.format.table import TableFormatError, read_table
@@ -24,6 +24,22 @@ def _new_buffer(entry: Entry, allocate=None) -> np.ndarray:
     """The uint8 buffer a numeric tensor is read into: ``allocate(nbytes)`` if given."""
     return np.empty(entry.size, dtype=np.uint8) if allocate is None else allocate(entry.size)
 
+
+
+def run_layout(sizes: list[int]) -> tuple[list[int], int, list[tuple[int, int]]]:
+    """Where a run of tensors of these byte ``sizes``, back to back in a file, goes in one buffer:
+    ``(starts, nbytes, pieces)``, each tensor at the next 64-byte boundary (ALIGN), the buffer
+    ``nbytes`` long, and the ``[start, stop)`` pieces the file's bytes fill in order (one piece
+    while every size is a multiple of 64, as most tensors' are)."""
+    starts, pieces, pos = [], [], 0
+    for n in sizes:
+        if pieces and pieces[-1][1] == pos:
+            pieces[-1] = (pieces[-1][0], pos + n)
+        else:
+            pieces.append((pos, pos + n))
+        starts.append(pos)
+        pos = align_up(pos + n)
+    return starts, (starts[-1] + sizes[-1] if sizes else 0), pieces
 
 
 def _label(name: str, extents) -> str:
@@ -235,11 +251,12 @@ class BundleReader:
         return self._read(name, self.entry(name), allocate)
 
     def read_many(self, names: list[str], allocate=None, entries: list[Entry] | None = None) -> list[np.ndarray]:
-        """``[read(name, allocate) for name in names]``, but each run of plain tensors that lie
-        back to back in one data file (up to a read piece: 1 MiB locally, more on object stores)
-        is read with one scatter read into their buffers: models have thousands of small tensors,
-        and a read each was most of their cost. ``entries``: the names' entries, if the caller
-        has them already.
+        """``[read(name) for name in names]``, but each run of plain tensors that lie back to back
+        in one data file (up to a read piece: 1 MiB locally, more on object stores) is read with
+        one scatter read into one buffer, ``allocate(nbytes)`` (default ``np.empty``), each tensor
+        starting on a 64-byte boundary of it (:func:`run_layout`): models have thousands of small
+        tensors, and a read and a buffer each were most of their cost. The run's tensors share
+        its buffer. ``entries``: the names' entries, if the caller has them already.
         """
         if entries is None:
             entries = [self.entry(n) for n in names]
@@ -255,16 +272,23 @@ class BundleReader:
             if j - i < 2:  # a lone or large tensor, strings or slices: the ordinary read
                 out.append(self._read(names[i], first, allocate))
                 i += 1
-                continue
-            handle = self._check_extent(names[j - 1], entries[j - 1])  # the run's end lies in the file
-            buffers = [_new_buffer(e, allocate) for e in entries[i:j]]
-            handle.readinto(first.offset, [memoryview(b) for b in buffers], names[i])
-            for name, entry, buf, crc in zip(names[i:j], entries[i:j], buffers, mask_many(crc32c_many(buffers))):
-                if crc != entry.crc32c:
-                    raise self.crc_error(name, entry, crc)
-                out.append(buf.view(enum_to_dtype(entry.dtype)).reshape(entry.shape))
-            i = j
+            else:
+                out += self._read_run(names[i:j], entries[i:j], allocate)
+                i = j
         return out
+
+    def _read_run(self, names: list[str], entries: list[Entry], allocate) -> list[np.ndarray]:
+        handle = self._check_extent(names[-1], entries[-1])  # the run's end lies in the file
+        sizes = [e.size for e in entries]
+        starts, nbytes, pieces = run_layout(sizes)
+        buf = np.empty(nbytes, dtype=np.uint8) if allocate is None else allocate(nbytes)
+        view = memoryview(buf)
+        handle.readinto(entries[0].offset, [view[a:b] for a, b in pieces], names[0])
+        crcs = mask_many(crc32c_many([view[s:s + n] for s, n in zip(starts, sizes)]))
+        for name, entry, crc in zip(names, entries, crcs):
+            if crc != entry.crc32c:
+                raise self.crc_error(name, entry, crc)
+        return [np.ndarray(e.shape, enum_to_dtype(e.dtype), buf, s) for e, s in zip(entries, starts)]
 
     @staticmethod
     def _plain(entry: Entry) -> bool:

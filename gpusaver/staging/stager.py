@@ -13,7 +13,7 @@ from gpusaver.staging import devices
 from gpusaver.staging.devices import Device
 from gpusaver.staging.host import HostEngine, as_host_array
 from gpusaver.staging.io_types import LoadItem, SaveItem
-from gpusaver.staging.pool import ALIGN, Arena, BufferPool, aligned_empty, align_up
+from gpusaver.staging.pool import Arena, BufferPool, HostSlabs, aligned_empty, align_up
 
 
 class Stager:
@@ -130,15 +130,15 @@ class Stager:
                 pass
         return devices.CPU
 
-    def fetch(self, reader: BundleReader, batch: list[LoadItem]) -> list:
+    def fetch(self, reader: BundleReader, batch: list[LoadItem], slabs: HostSlabs) -> list:
         """Read each item of ``batch`` (CRC-checked) onto its device: numpy arrays on the host
         (64-byte aligned, so TF and CUDA uploads adopt them without a copy), CuPy on a GPU,
         complete when returned."""
         if not any(item.device.is_cuda for item in batch):  # the common case: all to host memory
-            return self._read_host(reader, batch)
+            return self._read_host(reader, batch, slabs)
         values: dict[int, object] = {}
         host = [i for i, item in enumerate(batch) if not item.device.is_cuda]
-        values.update(zip(host, self._read_host(reader, [batch[i] for i in host])))
+        values.update(zip(host, self._read_host(reader, [batch[i] for i in host], slabs)))
         small: dict[int, list[int]] = {}  # device index -> positions of packable tensors
         for i, item in enumerate(batch):
             name, entry, device = item.name, item.entry, item.device
@@ -159,17 +159,10 @@ class Stager:
                 values.update(zip(part, outs))
         return [values[i] for i in range(len(batch))]
 
-    def _read_host(self, reader: BundleReader, items: list[LoadItem]) -> list:
-        """The items as host arrays. Their small tensors (at most the pack threshold) share one
-        aligned slab, since one aligned allocation each cost ~2 µs, most of a small tensor's
-        read; the others get their own (:func:`aligned_empty`)."""
-        entries = [item.entry for item in items]
-        limit = self.options.effective_pack_threshold
-        allocate = aligned_empty
-        if len(items) > 1 and limit > 0:
-            small = [n for n in (e.size for e in entries) if n <= limit]
-            allocate = _Slab(sum(small) + (ALIGN - 1) * len(small), limit)  # room to align each piece
-        return reader.read_many([item.name for item in items], allocate, entries)
+    def _read_host(self, reader: BundleReader, items: list[LoadItem], slabs: HostSlabs) -> list:
+        """The items as host arrays, in memory from the load's ``slabs`` (see :class:`HostSlabs`:
+        fresh memory per tensor cost more than the read)."""
+        return reader.read_many([item.name for item in items], slabs.region, [item.entry for item in items])
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,32 +170,12 @@ def _cuda_device(index: int) -> Device:
     return Device("cuda", index)
 
 
-class _Slab:
-    """``allocate(nbytes)`` for one batch: 64-byte aligned pieces of one slab of ``nbytes`` for
-    tensors of at most ``limit`` bytes, allocated on first use (after the reader has checked the
-    first extent). The pieces share the slab, so a tensor kept alone keeps its batch's small
-    tensors' memory alive (about ``_BATCH_BYTES``, 1 MiB, at most); they never overlap."""
-
-    def __init__(self, nbytes: int, limit: int):
-        self._nbytes, self._limit = nbytes, limit
-        self._slab, self._used = None, 0
-
-    def __call__(self, nbytes: int):
-        end = self._used + nbytes
-        if nbytes > self._limit or end > self._nbytes:
-            return aligned_empty(nbytes)
-        if self._slab is None:
-            self._slab = aligned_empty(self._nbytes)
-        out = self._slab[self._used:end]
-        self._used = end + (-end % ALIGN)
-        return out
-
-
 def _parts(positions: list[int], sizes: list[int], limit: int) -> list[list[int]]:
-    """Split positions into runs whose packed sizes fit ``limit`` bytes."""
+    """Split positions into runs whose packed sizes (64-byte aligned, as read_many lays them
+    out) fit ``limit`` bytes."""
     parts, end = [[]], 0
     for pos, size in zip(positions, sizes):
-        start = align_up(end, 16)
+        start = align_up(end)
         if parts[-1] and start + size > limit:
             parts.append([])
             start = 0

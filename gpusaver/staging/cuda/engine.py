@@ -19,12 +19,13 @@ import threading
 import numpy as np
 
 from gpusaver.format.proto import Entry
+from gpusaver.format.reader import run_layout
 from gpusaver.options import Options
 from gpusaver.staging.cuda import dlpack, kernels
 from gpusaver.staging.devices import Device
 from gpusaver.staging.io_types import Chunk, SaveItem
-from gpusaver.staging.pool import Arena, BufferPool
-from gpusaver.staging.session import PACK_ALIGN, GroupedStaging, PackGroup
+from gpusaver.staging.pool import Arena, BufferPool, align_up
+from gpusaver.staging.session import GroupedStaging, PackGroup
 
 
 def _cupy():
@@ -146,16 +147,15 @@ class CudaEngine:
         CRC-checked on the host, upload it in one copy and scatter it on the device."""
         cp = self._cp
         entries = [reader.entry(n) for n in names]
-        offsets, end = [], 0
-        for e in entries:
-            start = -(-end // PACK_ALIGN) * PACK_ALIGN
-            offsets.append(start)
-            end = start + e.size
+        # read_many lays each run of tensors out 64-byte aligned (run_layout), runs one after
+        # another: over the whole list that is one aligned layout, which the scatter follows.
+        offsets, end, _ = run_layout([e.size for e in entries])
         buf = self.load_pool.acquire()
-        places = iter(offsets)
+        used = 0
 
-        def place(nbytes):  # read_many asks for the tensors' buffers in order
-            start = next(places)
+        def place(nbytes):  # read_many asks for each run's (or lone tensor's) region in order
+            nonlocal used
+            start, used = used, align_up(used + nbytes)
             return buf[start:start + nbytes]
 
         try:
