@@ -77,11 +77,10 @@ def test_entry_fast_decoder_agrees_with_the_full_parser_on_any_bytes(fields, fli
 
 
 def test_decoded_entries_are_frozen_and_replaceable():
-    import dataclasses
     e = Entry.decode(Entry(1, (3, 4), 0, 10, 48, 7).encode())
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         e.size = 1
-    assert dataclasses.replace(e, shard_id=2) == Entry(1, (3, 4), 2, 10, 48, 7)
+    assert e._replace(shard_id=2) == Entry(1, (3, 4), 2, 10, 48, 7)
     assert repr(e) == repr(Entry(1, (3, 4), 0, 10, 48, 7))
 
 
@@ -197,7 +196,7 @@ def test_load_in_any_order_gives_each_key_its_value(tmp_path):
     assert list(loaded) == keys
     assert all(np.array_equal(loaded[k], tensors[k]) for k in keys)
     with BundleReader(str(tmp_path / "c")) as reader:
-        assert reader.entry("k00007") == Entry.decode(Entry(**vars(reader.entry("k00007"))).encode())
+        assert reader.entry("k00007") == Entry.decode(Entry(**reader.entry("k00007")._asdict()).encode())
 
 
 def test_add_views_writes_the_same_bytes_as_begin_write_end(tmp_path):

@@ -39,19 +39,24 @@ def decode(values: list[bytes], num_shards: int) -> list[proto.Entry | None]:
     ok = np.ones(n, bool)
 
     def varint_field(tag: int):
-        """The optional varint field ``tag`` at each row's position (0 where absent)."""
+        """The optional varint field ``tag`` at each row's position (0 where absent), one byte
+        position at a time for all rows, as far as the longest varint goes."""
         nonlocal pos, ok
         has = (pos < ends) & (data[pos] == tag)
         at = np.where(has, pos + 1, len(data) - _MAX_VARINT - 1)  # absent: read the zero padding
-        raw = data[at[:, None] + np.arange(_MAX_VARINT)].astype(np.uint64)
-        last = raw < 0x80
-        ok &= last.any(axis=1)  # longer varints (or truncated ones): the slow path's
-        nbytes = last.argmax(axis=1) + 1
-        shifts = np.arange(_MAX_VARINT, dtype=np.uint64) * np.uint64(7)
-        keep = np.arange(_MAX_VARINT) < nbytes[:, None]
-        value = np.bitwise_or.reduce(np.where(keep, (raw & np.uint64(0x7F)) << shifts, np.uint64(0)), axis=1)
-        pos = np.where(has, pos + 1 + nbytes, pos)
-        return np.where(has, value, 0).astype(_I64)
+        value = np.zeros(n, np.uint64)
+        nbytes = np.zeros(n, _I64)
+        more = has  # rows whose varint goes on at byte k
+        for k in range(_MAX_VARINT):
+            byte = data[at + k]
+            value |= np.where(more, (byte & 0x7F).astype(np.uint64) << np.uint64(7 * k), np.uint64(0))
+            nbytes += more
+            more = more & (byte >= 0x80)
+            if not more.any():
+                break
+        ok &= ~more  # longer varints (values of 2**63 and up): the slow path's
+        pos = pos + nbytes + has
+        return value.astype(_I64)
 
     dtype = varint_field(proto.T_DTYPE)
     # The shape is always written (a scalar's as ``12 00``); its bytes are decoded once per distinct shape.
@@ -91,7 +96,8 @@ def decode(values: list[bytes], num_shards: int) -> list[proto.Entry | None]:
     ok &= elements <= (1 << 62) // np.maximum(itemsize, 1)  # so the product below cannot wrap
     ok &= size == elements * itemsize
     shape_of = shape_of.ravel().tolist()
-    plain = proto.Entry.plain
-    return [plain(d, shapes[s], sh, o, sz, c) if good else None
-            for good, d, s, sh, o, sz, c in zip(ok.tolist(), dtype.tolist(), shape_of, shard.tolist(),
-                                                offset.tolist(), size.tolist(), crc.tolist())]
+    out = proto.Entry.many(dtype.tolist(), [shapes[s] for s in shape_of], shard.tolist(), offset.tolist(),
+                           size.tolist(), crc.tolist())
+    for i in np.flatnonzero(~ok).tolist():
+        out[i] = None
+    return out

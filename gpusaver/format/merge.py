@@ -118,12 +118,12 @@ def _merged_entries(readers: list[BundleReader]):
             if entry.shard_id not in ids:
                 ids[entry.shard_id] = len(renames)
                 renames.append((reader.prefix, entry.shard_id, reader.num_shards))
-            entry = dataclasses.replace(entry, shard_id=ids[entry.shard_id])
+            entry = entry._replace(shard_id=ids[entry.shard_id])
             seen = entries.get(key)
             if seen is None:
                 entries[key], owner[key] = entry, reader.prefix
             elif seen.slices and entry.slices and (seen.dtype, seen.shape) == (entry.dtype, entry.shape):
-                entries[key] = dataclasses.replace(seen, slices=seen.slices + entry.slices)
+                entries[key] = seen._replace(slices=seen.slices + entry.slices)
             else:
                 name = key.decode("utf-8", "replace")
                 raise MismatchError(f"tensor {name!r} is in both {owner[key]!r} and {reader.prefix!r}: "

@@ -4,7 +4,9 @@ Hand-encoded (a few fields each) so the format layer needs no protobuf runtime. 
 omission of default values follow what protobuf's serializer emits, so the bytes match TF's.
 """
 import dataclasses
+import itertools
 import struct
+import typing
 
 from gpusaver.format.wire import decode_varint, encode_varint
 
@@ -18,6 +20,7 @@ T_DTYPE, T_SHAPE, T_SHARD, T_OFFSET, T_SIZE, T_CRC = 0x08, 0x12, 0x18, 0x20, 0x2
 _SHAPE_CACHE_MAX = 4096
 _shape_bytes: dict[tuple, bytes] = {}
 _shape_tuples: dict[bytes, tuple] = {}
+_tuple_new = tuple.__new__
 _DTYPE_FIELD = tuple(b"\x08" + bytes((i,)) for i in range(0x80))  # field 1 of every dtype enum there is
 
 
@@ -106,9 +109,11 @@ class Extent:
     length: int | None = None
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """BundleEntryProto: where one tensor lives and how to check it. ``crc32c`` is the masked value."""
+class Entry(typing.NamedTuple):
+    """BundleEntryProto: where one tensor lives and how to check it. ``crc32c`` is the masked value.
+
+    A named tuple, not a dataclass: a checkpoint of 30,000 tensors makes 30,000 of them when it is
+    opened, and a tuple is built in C (``Entry.many``: ~0.3 µs each, a frozen dataclass ~1.7 µs)."""
     dtype: int
     shape: tuple[int, ...]
     shard_id: int = 0
@@ -144,14 +149,14 @@ class Entry:
 
     @classmethod
     def plain(cls, dtype: int, shape: tuple, shard_id: int, offset: int, size: int, crc32c: int) -> "Entry":
-        """An entry without slices, from values already checked. The frozen dataclass's __init__
-        sets each field through object.__setattr__ (~2 µs, as much as decoding the entry); the
-        instance's dict is filled directly instead ("slices" stays the class default)."""
-        entry = object.__new__(cls)
-        d = entry.__dict__
-        d["dtype"], d["shape"], d["shard_id"], d["offset"], d["size"], d["crc32c"] = (
-            dtype, shape, shard_id, offset, size, crc32c)
-        return entry
+        """An entry without slices, from values already checked."""
+        return _tuple_new(cls, (dtype, shape, shard_id, offset, size, crc32c, ()))
+
+    @classmethod
+    def many(cls, *columns) -> list["Entry"]:
+        """Entries without slices from columns of checked values (dtypes, shapes, shard ids,
+        offsets, sizes, crcs), all built in C."""
+        return list(map(_tuple_new, itertools.repeat(cls), zip(*columns, itertools.repeat(()))))
 
     @classmethod
     def decode(cls, buf) -> "Entry":
