@@ -75,6 +75,8 @@ def check_max_to_keep(max_to_keep, allow_zero: bool) -> int | None:
     if max_to_keep is None:
         return None
     try:
+        if isinstance(max_to_keep, bool):  # an int to Python, never meant as a count
+            raise TypeError
         n = operator.index(max_to_keep)
     except TypeError:
         raise InvalidTypeError(f"max_to_keep must be an int or None, got {type(max_to_keep).__name__}: "

@@ -330,7 +330,9 @@ def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], opti
     thousands of small tensors, and a thread-pool hand-off each cost twice the read itself.
     Up to ``2 * num_threads`` batches are read ahead, as long as their bytes stay within
     ``buffer_budget`` (one batch is always allowed, however large), so host memory holds at most
-    the budget plus one tensor beyond what the consumer keeps.
+    the budget plus one tensor beyond what the consumer keeps (where ``fetch`` carves host
+    arrays from shared slabs, as the stager does, add the slab being filled and the one being
+    consumed: a slab is freed once all its tensors are, 32 MiB each).
     """
     # One index lookup per request (models have tens of thousands): its place and its bytes.
     items = [LoadItem(name, entry, device, entry.size if not entry.slices else

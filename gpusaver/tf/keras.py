@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from gpusaver.errors import InvalidArgumentError, InvalidTypeError, MismatchError
 from gpusaver.format.state import latest_checkpoint
-from gpusaver.manager import CheckpointManager
+from gpusaver.manager import CheckpointManager, check_max_to_keep
 from gpusaver.tf.checkpoint import Checkpoint
 
 __all__ = ["CheckpointCallback"]
@@ -56,13 +56,7 @@ def _check_args(directory, save_freq, max_to_keep, keep_checkpoint_every_n_hours
     if save_freq != "epoch" and save_freq < 1:
         raise InvalidArgumentError(f"save_freq={save_freq!r}: a number of batches must be at least 1 "
                                    "(or pass save_freq='epoch')")
-    if max_to_keep is not None:
-        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, numbers.Integral):
-            raise InvalidTypeError(f"max_to_keep must be an int or None, got {type(max_to_keep).__name__} "
-                                   f"{max_to_keep!r}")
-        if max_to_keep < 1:
-            raise InvalidArgumentError(f"max_to_keep={max_to_keep!r}: keep at least 1 checkpoint, or pass "
-                                       "None to keep all of them")
+    check_max_to_keep(max_to_keep, allow_zero=False)
     if keep_checkpoint_every_n_hours is not None:
         if isinstance(keep_checkpoint_every_n_hours, bool) or not isinstance(keep_checkpoint_every_n_hours,
                                                                              numbers.Real):
