@@ -298,16 +298,16 @@ def test_restore_failing_late_changes_no_variable(tmp_path):
 def _count_groups(monkeypatch, fail_at: int | None = None) -> list:
     """Count the full groups of small values assigned by one traced call each (gpusaver.tf.assign);
     with ``fail_at``, that call (1-based) raises an injected error after assigning nothing."""
-    from gpusaver.tf import assign
-    real, calls = assign._assign_group, []
+    from gpusaver.tf.assign import Assigner
+    real, calls = Assigner._assign_group, []
 
-    def spy(device, dtype, group):
+    def spy(self, key, group):
         calls.append(len(group))
         if len(calls) == fail_at:
             raise OSError(errno.EIO, "injected failure of a group assign")
-        real(device, dtype, group)
+        real(self, key, group)
 
-    monkeypatch.setattr(assign, "_assign_group", spy)
+    monkeypatch.setattr(Assigner, "_assign_group", spy)
     return calls
 
 

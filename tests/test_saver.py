@@ -265,14 +265,14 @@ def test_missing_keys_in_object_based_checkpoint_point_to_checkpoint(tmp_path):
 # -- many small variables: grouped assigns (gpusaver.tf.assign), one dtype/shape check -----------
 def _spy_groups(monkeypatch):
     """Count the full groups assigned by one traced call each; returns the list of group sizes."""
-    from gpusaver.tf import assign
-    real, sizes = assign._assign_group, []
+    from gpusaver.tf.assign import Assigner
+    real, sizes = Assigner._assign_group, []
 
-    def spy(device, dtype, group):
-        sizes.append((dtype, len(group)))
-        real(device, dtype, group)
+    def spy(self, key, group):
+        sizes.append((key[1], len(group)))
+        real(self, key, group)
 
-    monkeypatch.setattr(assign, "_assign_group", spy)
+    monkeypatch.setattr(Assigner, "_assign_group", spy)
     return sizes
 
 

@@ -86,6 +86,26 @@ def name_variables(var_list) -> dict[str, tf.Variable]:
 
 
 _READ_GROUP = 256
+_unbatched: set[str] = set()  # devices for which this TF build has no _ReadVariablesOp
+
+
+def read_values(device: str, handles: list, dtypes: list) -> list[tf.Tensor]:
+    """The current values of the variables behind ``handles`` (of ``dtypes``), all on ``device``:
+    copy-on-write reads, uncopied. One call of TF's batched ``_ReadVariablesOp``; where that
+    internal op is unavailable (or the call fails: the single reads raise what is wrong), one
+    ``ReadVariableOp`` each."""
+    if device not in _unbatched:
+        try:
+            with tf.device(device):
+                return execute.execute(b"_ReadVariablesOp", num_outputs=len(handles), inputs=handles,
+                                       attrs=("N", len(handles), "dtypes", [d.as_datatype_enum for d in dtypes]),
+                                       ctx=context.context())
+        except tf.errors.NotFoundError:  # op or kernel not registered in this TF build
+            _unbatched.add(device)
+        except Exception:  # e.g. an uninitialized variable: the single reads name it
+            pass
+    with tf.device(device):
+        return [tf.raw_ops.ReadVariableOp(resource=h, dtype=d) for h, d in zip(handles, dtypes)]
 
 
 class SnapshotReader:
@@ -93,9 +113,9 @@ class SnapshotReader:
 
     Resource variables are copy-on-write: an assign or optimizer update allocates a new buffer while
     a tensor returned here is referenced, so holding these tensors is a snapshot. Variables are read
-    per device with TF's batched ``_ReadVariablesOp`` (a few op calls: about 6 ms for 2000 variables,
-    where 2000 eager ``read_value()`` calls take ~70–120 ms and a traced ``tf.function`` costs
-    ~130 MiB of graph memory); where that internal op is unavailable, one ``ReadVariableOp`` each.
+    per device with :func:`read_values` (a few op calls: about 6 ms for 2000 variables, where 2000
+    eager ``read_value()`` calls take ~70–120 ms and a traced ``tf.function`` costs ~130 MiB of graph
+    memory).
     """
 
     def __init__(self, variables: list[tf.Variable]):
@@ -109,24 +129,11 @@ class SnapshotReader:
         self._groups = [(device, idx, [variables[i].handle for i in idx], [variables[i].dtype for i in idx])
                         for device, all_idx in by_device.items()
                         for idx in (all_idx[k:k + _READ_GROUP] for k in range(0, len(all_idx), _READ_GROUP))]
-        self._batched = True
-
-    def _read_group(self, device: str, handles, dtypes) -> list:
-        if self._batched:
-            try:
-                with tf.device(device):
-                    return execute.execute(b"_ReadVariablesOp", num_outputs=len(handles), inputs=handles,
-                                           attrs=("N", len(handles), "dtypes", [d.as_datatype_enum for d in dtypes]),
-                                           ctx=context.context())
-            except Exception:  # op missing or not registered for this device in this TF build
-                self._batched = False
-        with tf.device(device):
-            return [tf.raw_ops.ReadVariableOp(resource=h, dtype=d) for h, d in zip(handles, dtypes)]
 
     def __call__(self) -> list[tf.Tensor]:
         out = [None] * self._n
         for device, idx, handles, dtypes in self._groups:
-            for i, value in zip(idx, self._read_group(device, handles, dtypes)):
+            for i, value in zip(idx, read_values(device, handles, dtypes)):
                 out[i] = value
         return out
 
