@@ -209,6 +209,30 @@ def test_gpusaver_reads_the_bytes_immediate_and_deferred(tmp_path):
         opt3.build(model3.trainable_variables)
 
 
+def test_failed_restore_changes_no_variable(tmp_path):
+    """A CRC mismatch in the last tensor of the file, after whole groups of small variables were
+    assigned: every variable keeps the value it had before the restore."""
+    module = tf.Module()
+    module.vs = [tf.Variable(np.full(16384, i, np.float32)) for i in range(300)]  # 64 KiB: several reads
+    path = gpusaver.Checkpoint(m=module).write(str(tmp_path / "ckpt"))
+    reader = BundleReader(path)
+    last = max((k for k in reader.keys() if k != GRAPH_KEY), key=lambda k: reader.entry(k).offset)
+    offset = reader.entry(last).offset
+    reader.close()
+    with open(path + ".data-00000-of-00001", "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+    other = tf.Module()
+    other.vs = [tf.Variable(np.full(16384, -1, np.float32)) for _ in range(300)]
+    with pytest.raises(gpusaver.CorruptCheckpointError, match=last.replace(".", r"\.")):
+        gpusaver.Checkpoint(m=other).read(path)
+    for v in other.vs:
+        np.testing.assert_array_equal(v.numpy(), np.full(16384, -1, np.float32))
+
+
 def test_non_variable_saveables_and_strings_both_ways(tmp_path):
     def table():
         return tf.lookup.experimental.MutableHashTable(key_dtype=tf.string, value_dtype=tf.int64, default_value=-1)

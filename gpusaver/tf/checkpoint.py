@@ -12,7 +12,8 @@ TensorFlow decides *what* a checkpoint holds; gpusaver moves the bytes.
   ``tf.train.Checkpoint.read`` uses, deferred restoration into objects created later included),
   with the coordinator's ``restore_saveables`` — the one place TF reads checkpointed values — and
   its ``CheckpointReader`` answered from gpusaver's reader, so values are read (CRC-checked) and
-  staged by gpusaver and plain variables assigned straight from the staged arrays.
+  staged by gpusaver and plain variables assigned straight from the staged arrays, all or nothing
+  (:mod:`gpusaver.tf.object_restore`).
 
 Delegated to ``tf.train.Checkpoint`` unchanged: graph mode (no eager execution), checkpoints
 without an object graph (name-based), ``CheckpointOptions`` that ask for an I/O device or TF's async
@@ -23,7 +24,6 @@ Keras 2 layers) reads those values with TF's ``RestoreV2`` from the same files.
 import concurrent.futures
 import copy
 import functools
-import inspect
 import os
 import threading
 
@@ -33,42 +33,16 @@ from tensorflow.core.protobuf import trackable_object_graph_pb2
 from tensorflow.python.checkpoint import checkpoint as tf_checkpoint
 from tensorflow.python.checkpoint import restore as restore_lib
 from tensorflow.python.checkpoint import save_util
-from tensorflow.python.ops import resource_variable_ops
-from tensorflow.python.training.saving import saveable_object, saveable_object_util
+from tensorflow.python.training.saving import saveable_object
 
 from gpusaver import core, gcpause, storage
 from gpusaver.tf import distribute
 from gpusaver.tf import variables as tfvars
-from gpusaver.tf.assign import Assigner
-from gpusaver.errors import MissingKeysError, UnsupportedError
+from gpusaver.tf.object_restore import Reader, RestoreCoordinator, call_tf, plain_variable
+from gpusaver.errors import UnsupportedError
 from gpusaver.format.naming import OBJECT_GRAPH_KEY
-from gpusaver.format.reader import BundleReader
 from gpusaver.format.state import CheckpointState, write_state
 from gpusaver.options import Options
-from gpusaver.staging.devices import CPU
-
-_VARIABLE_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
-
-
-def _call(fn, **kwargs):
-    """Call a TF internal with the keyword arguments its signature (in this TF version) accepts."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn(**kwargs)
-    return fn(**{k: v for k, v in kwargs.items() if k in params})
-
-
-def _plain_variable(obj, tensor_dict):
-    """The resource variable behind ``obj`` when its only checkpoint value is that variable's value
-    (tf.Variable, Keras 3 variable); else None (any other saveable keeps TF's own conversion)."""
-    if len(tensor_dict) != 1 or not next(iter(tensor_dict)).endswith(_VARIABLE_SUFFIX):
-        return None
-    try:
-        var = tfvars.tf_variable(obj)
-    except TypeError:
-        return None
-    return var if isinstance(var, resource_variable_ops.BaseResourceVariable) else None
-
 
 def _gather(saver):
     """(object graph proto, {key: tensor or SaveSpec}, {key: variable}, the multi-worker cluster the
@@ -76,7 +50,7 @@ def _gather(saver):
     graph_view = saver._graph_view  # pylint: disable=protected-access
     object_map = getattr(saver, "_object_map", None)
     if hasattr(save_util, "serialize_graph_view"):  # TF >= 2.11
-        serialized, _, registered, proto = _call(save_util.serialize_graph_view, graph_view=graph_view,
+        serialized, _, registered, proto = call_tf(save_util.serialize_graph_view, graph_view=graph_view,
                                                  object_map=object_map, cache=None)
     else:  # pragma: no cover - older layouts keep the same walk on the saver
         serialized, _, registered, proto = saver._gather_serialized_tensors(None)  # pylint: disable=protected-access
@@ -87,7 +61,7 @@ def _gather(saver):
     for obj, tensor_dict in serialized.items():
         if obj is None:  # the object graph tensor TF's own gather may add
             continue
-        var = _plain_variable(obj, tensor_dict)
+        var = plain_variable(obj, tensor_dict)
         for key, value in tensor_dict.items():
             if key == OBJECT_GRAPH_KEY:
                 continue
@@ -124,99 +98,6 @@ def _read_values(values: dict, variables: dict) -> dict:
             continue  # as TF's saver: an uninitialized variable is not written
         out[key] = value
     return out
-
-
-class _Reader:
-    """What TF's restore coordinator asks of a ``CheckpointReader``, answered by gpusaver's reader."""
-
-    def __init__(self, prefix: str, options: Options):
-        self.prefix = prefix
-        self.bundle = BundleReader(prefix, storage.for_url(prefix, options))
-
-    def has_tensor(self, key: str) -> bool:
-        return key in self.bundle
-
-    def get_variable_to_dtype_map(self) -> dict:
-        return {k: tf.as_dtype(self.bundle.entry(k).dtype) for k in self.bundle.keys()}
-
-    def get_variable_to_shape_map(self) -> dict:
-        return {k: list(self.bundle.entry(k).shape) for k in self.bundle.keys()}
-
-    def get_tensor(self, key: str):
-        if key not in self.bundle:
-            raise MissingKeysError([key], self.prefix)
-        value = self.bundle.read(key)
-        return value[()] if value.ndim == 0 else value  # TF gives scalars as numpy scalars / bytes
-
-    def close(self):
-        self.bundle.close()
-
-
-class _RestoreCoordinator(tf_checkpoint._CheckpointRestoreCoordinator):  # pylint: disable=protected-access
-    """TF's restore coordinator (object matching, deferred restoration, status bookkeeping) with the
-    values read and staged by gpusaver instead of TF's ``RestoreV2``."""
-
-    def __init__(self, gs_reader: _Reader, stager, **kwargs):
-        self._gs_reader = gs_reader
-        self._gs_stager = stager
-        _call(super().__init__, reader=gs_reader, **kwargs)
-
-    def restore_saveables(self, tensor_saveables, python_positions, registered_savers=None, reader=None):
-        for position in python_positions:
-            key = position.object_proto.attributes[0].checkpoint_key
-            position.trackable.deserialize(self._gs_reader.get_tensor(key))
-        flat = saveable_object_util.validate_and_slice_inputs(tensor_saveables) if tensor_saveables else []
-        sliced = [s for s in flat if any(spec.slice_spec for spec in s.specs)]
-        if registered_savers or sliced:  # TF restores these itself, from the same files
-            _call(super().restore_saveables, tensor_saveables=sliced, python_positions=[],
-                  registered_savers=registered_savers, reader=None)
-        with gcpause.paused():
-            _restore(self._gs_reader, self._gs_stager, [s for s in flat if s not in sliced])
-        return []
-
-
-def _simple_target(saveable):
-    """The resource variable a saveable restores by plain assignment, or None."""
-    if len(saveable.specs) != 1 or not saveable.specs[0].name.endswith(_VARIABLE_SUFFIX):
-        return None
-    obj = getattr(saveable, "_trackable", None)
-    return None if obj is None else _plain_variable(obj, {saveable.specs[0].name: None})
-
-
-def _restore(reader: _Reader, stager, saveables: list):
-    """Read every saveable's values with gpusaver and hand them over: plain variables are assigned
-    from the staged arrays, other saveables get tensors through their own ``restore``. Dtypes and
-    shapes of plain variables are checked before anything is assigned."""
-    if not saveables:
-        return
-    bundle = reader.bundle
-    missing = [spec.name for s in saveables for spec in s.specs if spec.name not in bundle]
-    if missing:
-        raise MissingKeysError(missing, reader.prefix)
-    plain, other = {}, []
-    for s in saveables:
-        var = _simple_target(s)
-        if var is None:
-            other.append(s)
-        else:
-            key = s.specs[0].name
-            entry = bundle.entry(key)
-            tfvars.check_fits(key, var, entry.dtype, entry.shape)
-            plain[key] = var
-    requests = [(key, stager.staging_device(tfvars.target_device(var, None), bundle.dtype(key)))
-                for key, var in plain.items()]
-    requests += [(spec.name, CPU) for s in other for spec in s.specs]
-    arrays = {}
-    assigner = Assigner()  # small host values in groups: see gpusaver.tf.assign
-    for key, value in core.load_iter(bundle, list(dict(requests).items()), stager):
-        if key in plain:
-            assigner.add(plain[key], value)
-        else:
-            arrays[key] = value
-    assigner.flush()
-    for s in other:
-        tensors = [tf.convert_to_tensor(arrays[spec.name], dtype=spec.dtype) for spec in s.specs]
-        s.restore(tensors, None)
 
 
 class _State:
@@ -382,13 +263,13 @@ class Checkpoint(tf.train.Checkpoint):
         if _use_tf(options) or not tf.executing_eagerly() or save_path is None:
             return super().read(save_path, options)
         save_path = os.fspath(save_path)
-        reader = _Reader(save_path, self._gpusaver.options)
+        reader = Reader(save_path, self._gpusaver.options)
         if OBJECT_GRAPH_KEY not in reader.bundle:
             reader.close()
             return super().read(save_path, options)
         return self._restore_object_graph(save_path, reader, options or tf.train.CheckpointOptions())
 
-    def _restore_object_graph(self, save_path: str, reader: _Reader, options):
+    def _restore_object_graph(self, save_path: str, reader: Reader, options):
         # Mirrors TrackableSaver.restore (TF 2.16-2.21) with gpusaver's reader and coordinator.
         saver = self._saver
         graph_view = saver._graph_view  # pylint: disable=protected-access
@@ -396,7 +277,7 @@ class Checkpoint(tf.train.Checkpoint):
         proto.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
         with tf.device("/cpu:0"):
             path_tensor = tf.constant(save_path)
-        coordinator = _RestoreCoordinator(
+        coordinator = RestoreCoordinator(
             reader, self._gpusaver.stager, object_graph_proto=proto, save_path=save_path,
             save_path_tensor=path_tensor, restore_op_cache=getattr(saver, "_restore_op_cache", {}),
             graph_view=graph_view, options=options, saveables_cache=getattr(saver, "_saveables_cache", None))
@@ -409,7 +290,7 @@ class Checkpoint(tf.train.Checkpoint):
             if proto_id is None or proto_id in coordinator.object_by_proto_id:
                 continue
             restore_lib.CheckpointPosition(checkpoint=coordinator, proto_id=proto_id).restore(ref.ref, reader)
-        return _call(tf_checkpoint.CheckpointLoadStatus, checkpoint=coordinator, graph_view=graph_view,
+        return call_tf(tf_checkpoint.CheckpointLoadStatus, checkpoint=coordinator, graph_view=graph_view,
                      feed_dict=None, options=options)
 
 
