@@ -2,10 +2,11 @@
 
 TensorFlow-free, so the peers bench (:mod:`gpusaver.bench.peers`) runs where TF is not installed.
 """
+import ctypes
 import os
-import time
 import re
 import shutil
+import time
 
 import numpy as np
 
@@ -23,15 +24,29 @@ def fresh(directory: str):
 
 
 def warm_free_memory(nbytes: int):
-    """Touch and free ``nbytes`` (at most half the free memory) just before a timed operation.
+    """Give every contender the same start for its memory, just before a timed operation.
 
-    On VMs with free page reporting (virtio-balloon), memory left free for ~2 s goes back to the
-    host and the next touch of it costs ~10x (seen on the 2-core bench VM: 2 GiB faulted in 0.28 s
-    warm, 2.5 s after 5 s idle). Page-cache writes and fresh restore buffers would pay that at
-    random, depending on what ran before; this gives every contender the same warm free pages.
+    First the process's allocator hands its free memory back (glibc ``malloc_trim``): what an
+    earlier contender freed stays faulted in the heap, and a contender that ``malloc``s its arrays
+    would reuse it (no page faults) where one whose memory comes from fresh mappings (gpusaver's
+    load slabs, large arrays) pays them: measured on the peers bench's 30,000 × 8 KiB load,
+    safetensors took 0.42 s after torch.load's runs had warmed the heap, 0.62 s after a trim, as in
+    a fresh process. Then ``nbytes`` (at most half the free memory) are touched and freed: on VMs
+    with free page reporting (virtio-balloon), memory left free for ~2 s goes back to the host and
+    the next touch of it costs ~10x (seen on the 2-core bench VM: 2 GiB faulted in 0.28 s warm,
+    2.5 s after 5 s idle); page-cache writes and fresh restore buffers would pay that at random.
     """
+    _malloc_trim()
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     np.ones(min(nbytes, free // 2), dtype=np.uint8)  # dropped at once: the pages return warm
+
+
+def _malloc_trim():
+    """glibc's ``malloc_trim(0)``, where the C library has it (not musl, not macOS)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def fsync_tree(directory: str):
