@@ -171,7 +171,7 @@ def test_device_parsing():
 
 
 def test_restore_onto_own_and_mapped_logical_devices(tmp_path):
-    from gpusaver.tf import variables as tfvars
+    from gpusaver.tf import placement
     cpus = tf.config.list_logical_devices("CPU")
     assert len(cpus) >= 3, "conftest configures three logical CPUs"
     with tf.device("/CPU:1"):
@@ -181,10 +181,10 @@ def test_restore_onto_own_and_mapped_logical_devices(tmp_path):
     saver = gpusaver.Saver([a, b])
     prefix = saver.save(str(tmp_path / "d"))
 
-    assert tfvars.target_device(a, None).index == 1
+    assert placement.target_device(a, None).index == 1
     mapping = {"/CPU:1": "/device:CPU:0"}
-    assert tfvars.target_device(a, mapping).index == 0
-    assert tfvars.target_device(b, mapping).index == 2
+    assert placement.target_device(a, mapping).index == 0
+    assert placement.target_device(b, mapping).index == 2
 
     a.assign(tf.zeros(4, tf.float64))
     b.assign(tf.zeros(3, tf.float64))

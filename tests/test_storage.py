@@ -215,3 +215,51 @@ def test_a_read_larger_than_one_batch_of_ranges():
     storage.open_read(url).readinto(7, [memoryview(out)[:100], memoryview(out)[100:]], "big")
     assert bytes(out) == data[7:]
     storage.delete(url)
+
+
+def test_write_many_keeps_order_with_buffered_writes_on_every_storage(store):
+    """A batch of tensors (large ones go out by writev on local files) lands after what was
+    buffered before it and before what follows, zero-length tensors included."""
+    storage, base = store
+    path = storage.join(base, "obj")
+    storage.makedirs(base)
+    rng = np.random.default_rng(0)
+    small = [memoryview(rng.bytes(n)) for n in (3, 0, 100)]
+    large = [memoryview(rng.bytes(n)) for n in (70_000, 0, 200_000, 5)]
+    stream = storage.open_write(path)
+    stream.write(b"head")
+    stream.write_many(large, ["a", "b", "c", "d"])
+    stream.write_many(small, ["e", "f", "g"])
+    stream.write(b"tail")
+    stream.close()
+    stream.commit()
+    assert storage.read_bytes(path) == b"".join([b"head", *map(bytes, large), *map(bytes, small), b"tail"])
+
+
+def test_local_write_many_resumes_short_writes_and_names_the_failing_tensor(tmp_path, monkeypatch):
+    from gpusaver.storage import local
+    real_writev, failing = os.writev, {"after": None}
+
+    def short_writev(fd, buffers):  # at most 50,000 bytes a call; ENOSPC once "after" calls ran
+        if failing["after"] is not None:
+            if failing["after"] == 0:
+                raise OSError(28, "No space left on device")
+            failing["after"] -= 1
+        data = b"".join(bytes(b) for b in buffers)[:50_000]
+        return real_writev(fd, [data])
+
+    monkeypatch.setattr(local.os, "writev", short_writev)
+    views = [memoryview(bytes([i]) * 64_000) for i in range(4)]
+    path = str(tmp_path / "f")
+    stream = LocalStorage().open_write(path)
+    stream.write_many(views, ["t0", "t1", "t2", "t3"])
+    stream.close()
+    stream.commit()
+    assert open(path, "rb").read() == b"".join(bytes(v) for v in views)
+
+    failing["after"] = 3  # 150,000 bytes written: the third tensor was being written
+    stream = LocalStorage().open_write(str(tmp_path / "g"))
+    with pytest.raises(CheckpointIOError, match="t2") as info:
+        stream.write_many(views, ["t0", "t1", "t2", "t3"])
+    assert str(tmp_path / "g") in str(info.value) and "disk full" in str(info.value)
+    stream.discard()

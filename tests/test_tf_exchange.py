@@ -16,7 +16,8 @@ from gpusaver.staging import devices
 from gpusaver.staging.devices import Device
 
 tf = pytest.importorskip("tensorflow")
-from gpusaver.tf import variables as tfvars  # noqa: E402  (imports TensorFlow)
+from gpusaver.tf import placement  # noqa: E402  (imports TensorFlow)
+from gpusaver.tf import variables as tfvars  # noqa: E402
 
 # tf.Tensor.__dlpack__ / __dlpack_device__ came after TF 2.16 (there: tf.experimental.dlpack.to_dlpack);
 # numpy's max_version (versioned capsules) with numpy 2.1, and TF 2.16 needs numpy < 2.
@@ -192,24 +193,24 @@ def _virtual(*orders, memory=1024):
     (_gpus(0, 1), [_virtual(2, 0), _virtual(1, 0)], (0, 1, 1, 0)),       # sorted, ties in place
 ])
 def test_cuda_ordinals(physical, configs, expected):
-    assert tfvars.cuda_ordinals(physical, configs) == expected
+    assert placement.cuda_ordinals(physical, configs) == expected
 
 
 def test_cuda_ordinals_rejects_bad_input():
     with pytest.raises(ValueError, match="physical GPU"):
-        tfvars.cuda_ordinals(["/physical_device:CPU:0"], [None])
+        placement.cuda_ordinals(["/physical_device:CPU:0"], [None])
     with pytest.raises(ValueError):
-        tfvars.cuda_ordinals(_gpus(0, 1), [None])  # one configuration per GPU
+        placement.cuda_ordinals(_gpus(0, 1), [None])  # one configuration per GPU
 
 
 def test_tf_configuration_of_this_machine_maps_without_error():
-    assert tfvars.logical_cuda_ordinals() == ()  # CPU-only: no GPUs, nothing to map
-    assert tfvars.cuda_ordinal(0) is None
+    assert placement.logical_cuda_ordinals() == ()  # CPU-only: no GPUs, nothing to map
+    assert placement.cuda_ordinal(0) is None
     with tf.device("/CPU:1"):
         v = tf.Variable(np.arange(3.0), name="on_cpu1")
-    assert tfvars.target_device(v, None) == tfvars.device_of(v)  # CPUs are not remapped
+    assert placement.target_device(v, None) == placement.device_of(v)  # CPUs are not remapped
     with pytest.raises(ValueError, match="0 logical GPU"):
-        tfvars.target_device(v, {"/CPU:1": "/GPU:0"})
+        placement.target_device(v, {"/CPU:1": "/GPU:0"})
 
 
 def test_restore_to_a_gpu_tf_lacks_fails_before_any_assign(tmp_path):

@@ -113,8 +113,7 @@ class ShardWriter:
                                 f"of {DataType(dtypes[i]).name} needs {expected[i]}")
         offsets = list(itertools.accumulate(sizes, initial=self.offset))
         self._bundle._reserve_many(names)
-        for name, view in zip(names, views):
-            self._put(view, name)
+        self._stream.write_many(views, names)
         self.offset = offsets.pop()
         self._bundle._record_many(names, dtypes, shapes, self.shard_id, offsets, sizes, mask_many(crcs))
 

@@ -24,6 +24,12 @@ class WriteStream(abc.ABC):
         """Append ``data`` (any C-contiguous bytes-like object, not kept after the call).
         ``tensor``: named in the error if the write fails (CheckpointIOError)."""
 
+    def write_many(self, views: list, tensors: list[str]) -> None:
+        """Append ``views`` back to back (byte memoryviews, not kept after the call), ``tensors[i]``
+        being the tensor ``views[i]`` belongs to: one call for a batch of small tensors."""
+        for view, tensor in zip(views, tensors):
+            self.write(view, tensor)
+
     @abc.abstractmethod
     def close(self) -> None:
         """Send every byte written (and fsync, where asked): after this, :meth:`commit` only has

@@ -12,6 +12,10 @@ from gpusaver.errors import CheckpointNotFoundError, CorruptCheckpointError, io_
 from gpusaver.storage.base import ReadHandle, Storage, WriteStream
 
 _WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large writes (bytes)
+# A batch of tensors this large on average goes out by writev, uncopied: copying 105 KiB tensors
+# into the buffer cost as much again as writing them (10,000 of them, 1 GiB: 0.49-0.61 s one write
+# each, 0.34-0.40 s by writev, 0.36-0.39 s for one contiguous buffer; project VM, ext4).
+_WRITEV_MIN_AVERAGE = 4 << 10
 _IOV_MAX = 1024  # buffers per preadv (Linux's limit)
 _READ_SIZE = 1 << 20  # reads go in pieces this size: each is checksummed while still in the CPU cache
 
@@ -48,6 +52,26 @@ class LocalWriteStream(WriteStream):
             self._file.write(data)
         except OSError as e:
             raise io_error(e, self.path, self._what, tensor) from e
+
+    def write_many(self, views: list, tensors: list[str]):
+        if sum(map(len, views)) < _WRITEV_MIN_AVERAGE * len(views):
+            super().write_many(views, tensors)  # tiny tensors: coalesced in the buffer
+            return
+        views, i = list(views), 0  # views[i:] are still to be written
+        try:
+            # The buffer's bytes come first; then the file position is where writev appends
+            # (BufferedWriter keeps no position of its own between flushes, without seeks).
+            self._file.flush()
+            fd = self._file.fileno()
+            while i < len(views):
+                written = os.writev(fd, views[i:i + _IOV_MAX])
+                while i < len(views) and written >= len(views[i]):
+                    written -= len(views[i])
+                    i += 1
+                if written:  # a short write: resume inside that view
+                    views[i] = views[i][written:]
+        except OSError as e:
+            raise io_error(e, self.path, self._what, tensors[min(i, len(tensors) - 1)]) from e
 
     def close(self):
         try:

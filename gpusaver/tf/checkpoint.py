@@ -37,6 +37,7 @@ from tensorflow.python.training.saving import saveable_object
 
 from gpusaver import core, gcpause, storage
 from gpusaver.tf import distribute
+from gpusaver.tf import placement
 from gpusaver.tf import variables as tfvars
 from gpusaver.tf.object_restore import Reader, RestoreCoordinator, call_tf, plain_variable
 from gpusaver.errors import UnsupportedError
@@ -205,7 +206,7 @@ class Checkpoint(tf.train.Checkpoint):
             proto, values, variables, cluster = _gather(self._saver)
             tensors = _read_values(values, variables)
             tensors[OBJECT_GRAPH_KEY] = np.asarray(proto.SerializeToString(), dtype=object)
-            if any(tfvars.device_of(v).is_cuda for v in variables.values()):
+            if any(placement.device_of(v).is_cuda for v in variables.values()):
                 # As in gpusaver.Saver: wait for TF's device work once, then take the capsules here.
                 tfvars.sync_devices()
                 tensors = {k: v if isinstance(v, np.ndarray) else tfvars.export_gpu(v) for k, v in tensors.items()}

@@ -19,6 +19,7 @@ from gpusaver.errors import MissingKeysError
 from gpusaver.format.reader import BundleReader
 from gpusaver.options import Options
 from gpusaver.staging.devices import CPU
+from gpusaver.tf import placement
 from gpusaver.tf import variables as tfvars
 from gpusaver.tf.assign import Assigner
 
@@ -123,7 +124,7 @@ def restore_values(reader: Reader, stager, saveables: list):
             entry = bundle.entry(key)
             tfvars.check_fits(key, var, entry.dtype, entry.shape)
             plain[key] = var
-    requests = [(key, stager.staging_device(tfvars.target_device(var, None), bundle.dtype(key)))
+    requests = [(key, stager.staging_device(placement.target_device(var, None), bundle.dtype(key)))
                 for key, var in plain.items()]
     requests += [(spec.name, CPU) for s in other for spec in s.specs]
     # Small host values are assigned in groups, and each variable keeps its previous value until

@@ -17,6 +17,7 @@ from gpusaver.futures import SaveFuture, raise_unobserved
 from gpusaver.manager import Retention, as_int, check_max_to_keep
 from gpusaver.options import Options
 from gpusaver.tf import distribute
+from gpusaver.tf import placement
 from gpusaver.tf import variables as tfvars
 from gpusaver.tf.assign import Assigner
 from gpusaver.staging.devices import Device
@@ -114,7 +115,7 @@ class Saver:
         self._placed = {name: (var, var.device) for name, var in self._vars.items()}
         self._read_all = tfvars.SnapshotReader(list(self._vars.values()))
         self._fits = tfvars.FitChecker(self._vars)
-        self._on_gpu = any(tfvars.device_of(v).is_cuda for v in self._vars.values())
+        self._on_gpu = any(placement.device_of(v).is_cuda for v in self._vars.values())
         self._cluster = distribute.cluster_of(self._vars.values())  # None unless multi-worker
         self._options = options or Options()
         self._stager = core.Stager(self._options)
@@ -266,7 +267,7 @@ class Saver:
             for (name, (var, device)), entry in zip(self._placed.items(), entries):
                 where = staging.get((device, entry.dtype))
                 if where is None:
-                    target = tfvars.target_device(var, device_map)
+                    target = placement.target_device(var, device_map)
                     where = staging[device, entry.dtype] = self._stager.staging_device(
                         target, enum_to_dtype(entry.dtype))
                 requests.append((name, where))

@@ -1,15 +1,13 @@
-"""TensorFlow (and Keras 3) adapter: naming rules, variable ↔ array, device strings, assign.
+"""TensorFlow (and Keras 3) adapter: naming rules, variable ↔ array, assign.
 
 The TensorFlow-facing half of ``gpusaver.tf``; ``saver.py`` and ``checkpoint.py`` build on it.
 
 GPU tensors cross to CuPy and back through DLPack capsules, with two TF 2.21 rules in mind:
 ``EagerTensor.__dlpack__`` refuses a stream (so TF's device work is waited for before its capsules
 are taken) and ``tf.experimental.dlpack.from_dlpack`` takes only legacy ``"dltensor"`` capsules.
-And TF numbers a capsule's CUDA device by its own logical index (``/GPU:n`` → device_id n, both
-ways), which is not the CUDA ordinal under ``tf.config.set_visible_devices`` or virtual devices:
-capsules are renumbered in place where the two differ (:func:`cuda_ordinals`).
+And TF numbers a capsule's CUDA device by its own logical index (``/GPU:n``), not by CUDA ordinal:
+capsules are renumbered in place where the two differ (:mod:`gpusaver.tf.placement`).
 """
-import functools
 import logging
 
 import ml_dtypes
@@ -21,7 +19,7 @@ from gpusaver.errors import InvalidTypeError, MismatchError
 from gpusaver.format.dtypes import enum_to_dtype
 from gpusaver.staging import devices
 from gpusaver.staging.cuda import dlpack  # ctypes only: CuPy is imported when an array needs it
-from gpusaver.staging.devices import Device
+from gpusaver.tf import placement
 
 logger = logging.getLogger("gpusaver")
 _DLPACK_CUDA = 2
@@ -190,7 +188,7 @@ def export_gpu(value):
     on the save thread each export would wait for whatever training has queued since, and stall
     every Python thread meanwhile; here, right after the sync, each export finds the device idle
     (TF's call costs ~1.5 µs a tensor on the CPU, plus an idle device's sync on a GPU). Tensors
-    whose GPU TF cannot number for CUDA (see :func:`logical_cuda_ordinals`) or whose dtype TF
+    whose GPU TF cannot number for CUDA (see :func:`gpusaver.tf.placement.logical_cuda_ordinals`) or whose dtype TF
     cannot export are copied to the host by TF.
     """
     if value.dtype == tf.string:  # strings live in host memory whatever the device says
@@ -198,7 +196,7 @@ def export_gpu(value):
     dev_type, tf_index = _dlpack_device(value)
     if dev_type != _DLPACK_CUDA:
         return value
-    ordinal = cuda_ordinal(tf_index)
+    ordinal = placement.cuda_ordinal(tf_index)
     if ordinal is not None:
         try:
             capsule = _capsule(value)
@@ -273,108 +271,6 @@ class FitChecker:
                 check_fits(name, var, entry.dtype, entry.shape)
 
 
-def device_of(var: tf.Variable) -> Device:
-    return devices.parse(var.device or "cpu")
-
-
-def cuda_ordinals(physical_gpus, logical_configs) -> tuple[int, ...]:
-    """The CUDA ordinal behind each of TF's logical GPUs: ``result[n]`` is ``/GPU:n``'s.
-
-    Args:
-        physical_gpus: names of the physical GPUs TF uses (``tf.config.get_visible_devices("GPU")``),
-            ``"/physical_device:GPU:k"``, where k is the CUDA ordinal (as ``CUDA_VISIBLE_DEVICES``
-            left them), in any order.
-        logical_configs: for each of them, None or a list of logical device configurations
-            (``tf.config.get_logical_device_configuration``): one logical GPU each.
-
-    TF numbers logical GPUs physical GPU by physical GPU in CUDA order (whatever the order given
-    to ``set_visible_devices``), each physical GPU's virtual devices in list order, an unconfigured
-    or empty-configured one as one device; virtual devices given an
-    ``experimental_device_ordinal`` are sorted by it first (0 where not given), ties kept in that
-    order (TF's ``BaseGPUDeviceFactory::CreateDevices``). Raises ValueError for a name that is not
-    a physical GPU's, or when the two lists differ in length.
-    """
-    specs = []  # (device ordinal, position, CUDA ordinal)
-    for k, configs in sorted(((_physical_index(name), configs)
-                              for name, configs in zip(physical_gpus, logical_configs, strict=True)),
-                             key=lambda pair: pair[0]):
-        for config in configs or [None]:
-            order = getattr(config, "experimental_device_ordinal", None) or 0
-            specs.append((order, len(specs), k))
-    return tuple(k for _, _, k in sorted(specs))
-
-
-def _physical_index(name: str) -> int:
-    kind, _, index = name.rpartition(":")
-    if not kind.upper().endswith("GPU") or not index.isdigit():
-        raise ValueError(f"not a physical GPU device name: {name!r} (expected '/physical_device:GPU:k')")
-    return int(index)
-
-
-@functools.lru_cache(maxsize=1)
-def logical_cuda_ordinals() -> tuple[int, ...] | None:
-    """:func:`cuda_ordinals` for this process's TF configuration, read once: () without GPUs.
-
-    None (logged once) when TF made a different number of GPUs than its configuration implies
-    (it skips GPUs it cannot use, e.g. of too low a compute capability): TF's numbering is then
-    unknown, and GPU values go through the host, TF copying them across.
-    """
-    made = context.context().num_gpus()  # initialises TF's devices: their configuration is final
-    physical = tf.config.get_visible_devices("GPU")
-    ordinals = cuda_ordinals([d.name for d in physical],
-                             [tf.config.get_logical_device_configuration(d) for d in physical])
-    if len(ordinals) != made:
-        logger.warning("TensorFlow made %d GPU device(s) from a configuration implying %d; GPU values "
-                       "will be staged through host memory", made, len(ordinals))
-        return None
-    return ordinals
-
-
-def cuda_ordinal(tf_index: int) -> int | None:
-    """The CUDA ordinal of TF's ``/GPU:<tf_index>``; None where TF's numbering is unknown or
-    TF has no such GPU."""
-    ordinals = logical_cuda_ordinals()
-    if ordinals is None or not 0 <= tf_index < len(ordinals):
-        return None
-    return ordinals[tf_index]
-
-
-def _tf_index(ordinal: int, prefer: Device) -> int:
-    """TF's logical index for memory on CUDA device ``ordinal``: ``prefer``'s where it is on that
-    GPU (several virtual devices may share it), else the first on it, else ``ordinal`` itself."""
-    ordinals = logical_cuda_ordinals() or ()
-    if prefer.is_cuda and prefer.index < len(ordinals) and ordinals[prefer.index] == ordinal:
-        return prefer.index
-    return ordinals.index(ordinal) if ordinal in ordinals else ordinal
-
-
-def target_device(var: tf.Variable, device_map: dict | None) -> Device:
-    """Where ``var``'s restored value is staged: ``device_map`` applied to its device, else the
-    variable's own device.
-
-    Keys and values are any device spelling ("/GPU:0", "cuda:0", a full TF string); their numbers
-    are TF's (logical ``/GPU:n``). A GPU becomes the CUDA device behind it (index: CUDA ordinal;
-    name: TF's spelling), or the host where TF's numbering is unknown. Raises ValueError for a GPU
-    TF does not have.
-    """
-    own = device_of(var)
-    target = own
-    for src, dst in (device_map or {}).items():
-        s = devices.parse(src)
-        if (s.kind, s.index) == (own.kind, own.index):
-            target = devices.parse(dst)
-            break
-    if not target.is_cuda:
-        return target
-    if logical_cuda_ordinals() is None:
-        return devices.CPU
-    ordinal = cuda_ordinal(target.index)
-    if ordinal is None:
-        raise ValueError(f"variable {var.name!r} would be restored onto {target}, but TensorFlow has "
-                         f"{len(logical_cuda_ordinals())} logical GPU(s); name another in device_map")
-    return Device("cuda", ordinal, target.name or f"/device:GPU:{target.index}")
-
-
 def host_tensor(value: np.ndarray, dtype: tf.DType) -> tf.Tensor:
     """A TF tensor over a restored host array, zero-copy through DLPack where TF allows.
 
@@ -408,7 +304,7 @@ def assign(var: tf.Variable, value):
         # TF takes) needs no ordering.
         capsule = dlpack.legacy_capsule(value)
         ordinal = devices.of_array(value).index
-        tf_index = _tf_index(ordinal, device_of(var))
+        tf_index = placement.tf_index(ordinal, placement.device_of(var))
         if tf_index != ordinal:  # TF reads the capsule's device_id as its own /GPU:n
             dlpack.device_field(capsule)[1] = tf_index
         tensor = tf.experimental.dlpack.from_dlpack(capsule)
