@@ -16,7 +16,7 @@ _WRITE_BUFFER = 1 << 20  # coalesces the many tiny tensors of a model into large
 # into the buffer cost as much again as writing them (10,000 of them, 1 GiB: 0.49-0.61 s one write
 # each, 0.34-0.40 s by writev, 0.36-0.39 s for one contiguous buffer; project VM, ext4).
 _WRITEV_MIN_AVERAGE = 4 << 10
-_IOV_MAX = 1024  # buffers per preadv (Linux's limit)
+_IOV_MAX = 1024  # buffers per preadv or writev (Linux's limit)
 _READ_SIZE = 1 << 20  # reads go in pieces this size: each is checksummed while still in the CPU cache
 
 
