@@ -45,8 +45,14 @@ def _object_graph(prefix):
 
 def _corrupt_a_variable(prefix):
     """Flip a byte inside a kernel's bytes (a variable that exists only once the model is built)."""
+    _flip_first_byte(prefix, lambda reader, keys: next(k for k in keys if len(reader.entry(k).shape) == 2))
+
+
+def _flip_first_byte(prefix, pick) -> str:
+    """Flip the first byte of the tensor ``pick(reader, keys)`` chooses among the checkpoint's
+    tensors (the object graph left out); returns its key."""
     reader = BundleReader(prefix)
-    key = next(k for k in reader.keys() if k != GRAPH_KEY and len(reader.entry(k).shape) == 2)
+    key = pick(reader, [k for k in reader.keys() if k != GRAPH_KEY])
     offset = reader.entry(key).offset
     reader.close()
     with open(prefix + ".data-00000-of-00001", "r+b") as f:
@@ -54,6 +60,7 @@ def _corrupt_a_variable(prefix):
         byte = f.read(1)
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0xFF]))
+    return key
 
 
 def test_tf_restores_gpusaver_checkpoint_with_object_matching(tmp_path):
@@ -215,15 +222,7 @@ def test_failed_restore_changes_no_variable(tmp_path):
     module = tf.Module()
     module.vs = [tf.Variable(np.full(16384, i, np.float32)) for i in range(300)]  # 64 KiB: several reads
     path = gpusaver.Checkpoint(m=module).write(str(tmp_path / "ckpt"))
-    reader = BundleReader(path)
-    last = max((k for k in reader.keys() if k != GRAPH_KEY), key=lambda k: reader.entry(k).offset)
-    offset = reader.entry(last).offset
-    reader.close()
-    with open(path + ".data-00000-of-00001", "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    last = _flip_first_byte(path, lambda reader, keys: max(keys, key=lambda k: reader.entry(k).offset))
 
     other = tf.Module()
     other.vs = [tf.Variable(np.full(16384, -1, np.float32)) for _ in range(300)]

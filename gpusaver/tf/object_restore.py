@@ -132,8 +132,7 @@ def restore_values(reader: Reader, stager, saveables: list):
     # variables back (see gpusaver.tf.assign). Other saveables are restored last, once every value
     # was read; what their own restore changes is theirs.
     variables = list(plain.values())
-    assigner = Assigner(keep_previous=True,
-                        snapshot=lambda: dict(zip(map(id, variables), tfvars.SnapshotReader(variables)())))
+    assigner = Assigner(keep_previous=True, snapshot=lambda: tfvars.SnapshotReader(variables).by_id())
     arrays = {}
     try:
         for key, value in core.load_iter(bundle, list(dict(requests).items()), stager):

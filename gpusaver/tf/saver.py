@@ -125,9 +125,8 @@ class Saver:
         self._lock = threading.Lock()
 
     def _snapshot(self) -> dict:
-        """{id(variable): its current value} for every variable, in batched copy-on-write reads: what
-        a restore keeps for the variables it assigns one op each (GPUs', other tasks')."""
-        return dict(zip(map(id, self._vars.values()), self._read_all()))
+        """{id(variable): its current value} for every variable (GPUs', other tasks': see restore)."""
+        return self._read_all.by_id()
 
     @property
     def variables(self) -> dict:

@@ -118,6 +118,7 @@ class SnapshotReader:
 
     def __init__(self, variables: list[tf.Variable]):
         self._n = len(variables)
+        self._ids = [id(v) for v in variables]
         by_device: dict[str, list[int]] = {}
         for i, v in enumerate(variables):
             by_device.setdefault(v.device, []).append(i)
@@ -134,6 +135,11 @@ class SnapshotReader:
             for i, value in zip(idx, read_values(device, handles, dtypes)):
                 out[i] = value
         return out
+
+    def by_id(self) -> dict[int, tf.Tensor]:
+        """{id(variable): its current value}: what a restore keeps for the variables it assigns
+        one op each (see :class:`gpusaver.tf.assign.Assigner`)."""
+        return dict(zip(self._ids, self()))
 
 
 def sync_devices():
