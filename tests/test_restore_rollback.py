@@ -94,11 +94,13 @@ def test_failure_midway_through_a_group_call_puts_back_what_it_assigned(tmp_path
     with pytest.raises(tf.errors.InvalidArgumentError, match="overflowed"):
         saver.restore(prefix)
     assert len(groups) == 2
-    # Before put_back ran, the failed call had assigned some of the 10 variables it pushed (the
-    # executor's order decides which), none after them.
+    # Before put_back ran, the failed call had assigned none of the variables after the 10 it
+    # pushed; of those 10, the executor's order decides how many (in about one process in six,
+    # none: the order is fixed once TF has instantiated the function, so retrying in the process
+    # does not change it). The first group's call had assigned all of its variables.
     index = {id(v): i for i, v in enumerate(variables)}
     changed = [i for i, v in enumerate(groups[1]) if seen[0][id(v)] != -1]
-    assert changed and max(changed) < 10
+    assert all(i < 10 for i in changed)
     assert all(seen[0][id(v)] == index[id(v)] for v in groups[0])
     _assert_untouched(variables)
     monkeypatch.undo()
