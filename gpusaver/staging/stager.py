@@ -2,6 +2,7 @@
 each save's claim on them (:class:`SaveBuffers`)."""
 import functools
 import threading
+from typing import Iterator
 
 import numpy as np
 
@@ -14,6 +15,10 @@ from gpusaver.staging.devices import Device
 from gpusaver.staging.host import HostEngine, as_host_array
 from gpusaver.staging.io_types import LoadItem, SaveItem
 from gpusaver.staging.pool import Arena, BufferPool, HostSlabs, aligned_empty, align_up
+
+#: Tensors described (converted, checked) at a time: a save's first ones are written while later
+#: ones are described (~1-3 µs each: for thousands of tensors, tens of ms before the first write).
+DESCRIBE_BATCH = 512
 
 
 class Stager:
@@ -74,19 +79,23 @@ class Stager:
             return {}
         return {d: [e] for d, e in self.cuda().ready_events(device_ids).items()}
 
-    def describe(self, values: dict, convert, ready: dict) -> list[SaveItem]:
-        """The save's items (on the save thread). Imports and copies made here run on this
-        thread's stream after the caller's ready events (JAX arrays also wait for their own
-        buffers here); one more event per device, added to ``ready``, orders the staging after
-        them. Arrays an adapter's ``convert`` exports come from producers that finished their
-        work (the TF adapter synchronises first)."""
+    def describe(self, values: dict, convert, ready: dict) -> Iterator[list[SaveItem]]:
+        """The save's items, :data:`DESCRIBE_BATCH` at a time, as the save's staging thread asks
+        for them (see :class:`pipeline.SaveJob`); each value leaves ``values`` as it is described.
+        Imports and copies made here run on that thread's stream after the caller's ready events
+        (JAX arrays also wait for their own buffers here); one more event per device, added to
+        ``ready`` after each batch, orders the batch's staging after them. Arrays an adapter's
+        ``convert`` exports come from producers that finished their work (the TF adapter
+        synchronises first)."""
         if ready:
             self.cuda().wait_events(ready)
-        items = [self.item(name, convert(value)) for name, value in values.items()]
-        ids = {item.device.index for item in items if item.device.is_cuda}
-        for d, event in (self.cuda().ready_events(ids) if ids else {}).items():
-            ready.setdefault(d, []).append(event)
-        return items
+        names = list(values)
+        for start in range(0, len(names), DESCRIBE_BATCH):
+            items = [self.item(name, convert(values.pop(name))) for name in names[start:start + DESCRIBE_BATCH]]
+            ids = {item.device.index for item in items if item.device.is_cuda}
+            for d, event in (self.cuda().ready_events(ids) if ids else {}).items():
+                ready.setdefault(d, []).append(event)
+            yield items
 
     def item(self, name: str, array) -> SaveItem:
         """Describe one array to save. Raises ValueError / UnsupportedError naming the tensor."""
