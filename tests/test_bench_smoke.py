@@ -147,6 +147,8 @@ def test_demo(tmp_path):
     ("saver_many.py", ["--count", "300", "--runs", "1", "--top", "3"], "restore"),
     ("restore_ab.py", ["--workloads", "mix,many", "--size-gib", "0.004", "--runs", "1"], "all-or-nothing"),
     ("checkpoint_bench.py", ["--size-gib", "0.004", "--runs", "1"], "gpusaver.Checkpoint.save_async"),
+    ("save_ab.py", ["--baseline", ROOT, "--workloads", "small,many", "--rounds", "1", "--runs", "1", "--tiny"],
+     "Saver.save"),
 ])
 def test_bench_scripts_run_tiny(script, args, expect):
     """The single-purpose scripts of bench/ (their figures are in the README and bench/results)."""

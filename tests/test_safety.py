@@ -13,6 +13,7 @@ import gpusaver
 from gpusaver.errors import CorruptCheckpointError, GpusaverError
 from gpusaver.format import naming
 from gpusaver.storage import local as local_storage  # where the files are opened (issue 13)
+from gpusaver.staging.stager import DESCRIBE_BATCH
 from gpusaver.format.dtypes import DataType
 from gpusaver.format.proto import Entry, Extent, Header
 from gpusaver.format.table import TableBuilder
@@ -235,6 +236,26 @@ def test_disk_full_writing_a_data_file_names_file_and_tensor(tmp_path, monkeypat
     assert isinstance(info.value, GpusaverError) and info.value.errno == errno.ENOSPC
     assert "m.data-00000-of-00001" in str(info.value) and "'weights'" in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_tensor_refused_after_others_were_written_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A save describes its tensors batch by batch while the first ones are written: a tensor
+    refused late (a dtype TF has no enum for, after three batches) fails the save naming it, and
+    the checkpoint it would have replaced, the state file included, is as it was."""
+    prefix = str(tmp_path / "m")
+    gpusaver.save(prefix, {"old": np.arange(5.0)})
+    before = _files(tmp_path)
+    arrays = {f"t{i:05d}": np.full(1000, i, np.float32) for i in range(3 * DESCRIBE_BATCH)}
+    arrays["zz_late"] = np.zeros(3, "datetime64[s]")
+    writes = []
+    real = local_storage.LocalWriteStream.write_many
+    monkeypatch.setattr(local_storage.LocalWriteStream, "write_many",
+                        lambda self, views, names: writes.append(names[-1]) or real(self, views, names))
+    with pytest.raises(gpusaver.UnsupportedError, match="'zz_late'"):
+        gpusaver.save(prefix, arrays)
+    assert writes  # tensors of the first batches had gone to the data file
+    assert _files(tmp_path) == before
+    assert len(arrays) == 3 * DESCRIBE_BATCH + 1  # the caller's mapping is left alone
 
 
 # -- 3. an unobserved save_async failure surfaces ------------------------------------------------
