@@ -9,12 +9,13 @@ import threading
 from typing import Any, Iterable, Mapping
 
 from gpusaver import gcpause, storage
-from gpusaver.errors import MissingKeysError
+from gpusaver.errors import InvalidArgumentError, MissingKeysError
 from gpusaver.format import paths
 from gpusaver.format.reader import BundleReader
 from gpusaver.options import Options
 from gpusaver.staging import devices, pipeline
 from gpusaver.staging.devices import Device
+from gpusaver.staging.feed import Feed
 from gpusaver.staging.pool import HostSlabs
 from gpusaver.staging.stager import Stager
 
@@ -32,7 +33,7 @@ def _default_stager(options: Options) -> Stager:
         return _cached_stager(options)
 
 
-def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = None, *,
+def save_async(file_prefix: str, arrays: Mapping[str, Any] | Feed, options: Options | None = None, *,
                stager: Stager | None = None, on_done=None, to_array=None,
                copy_on_write: bool = False) -> concurrent.futures.Future:
     """Start writing ``arrays`` (name → array) as a TF checkpoint at ``file_prefix``.
@@ -48,7 +49,11 @@ def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | N
     had queued. ``copy_on_write``: the values are snapshots nobody mutates (TF variable reads),
     so ``"auto"`` may hold them instead of copying. ``to_array``: an adapter's conversion applied
     to each value on the save thread; such an adapter orders its device work itself (the TF
-    adapter synchronises TF's devices first).
+    adapter synchronises TF's devices first). ``arrays`` may be a :class:`Feed` that the caller
+    fills while the save runs (an adapter's snapshot read in batches: the first are written while
+    the next are read); its arrays are taken as they are, neither ordered nor copied here, so it
+    is for adapters that order their device work themselves and whose values are snapshots
+    (the ``"reference"`` mode only).
 
     Raises InvalidTypeError / InvalidArgumentError (at once) for a prefix that is None, empty, a
     directory or a checkpoint file's name; CheckpointIOError (from ``result()``) naming the file
@@ -58,8 +63,13 @@ def save_async(file_prefix: str, arrays: Mapping[str, Any], options: Options | N
     options = options or Options()
     stager = stager or _default_stager(options)
     mode = options.snapshot_mode(copy_on_write)
-    values = dict(arrays)  # the caller's mapping may change once we return
-    ready = stager.hold(values) if to_array is None else {}
+    if isinstance(arrays, Feed):
+        if mode != "reference":  # the other modes wait here for staging, which waits for the feed
+            raise InvalidArgumentError(f"a Feed is saved in the 'reference' snapshot mode, not {mode!r}")
+        values, ready = arrays, {}
+    else:
+        values = dict(arrays)  # the caller's mapping may change once we return
+        ready = stager.hold(values) if to_array is None else {}
     convert = to_array or (lambda a: a)
 
     job = pipeline.SaveJob(file_prefix, lambda: stager.describe(values, convert, ready), options, mode,

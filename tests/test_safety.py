@@ -5,6 +5,7 @@ import io
 import os
 import re
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -256,6 +257,40 @@ def test_a_tensor_refused_after_others_were_written_keeps_the_previous_checkpoin
     assert writes  # tensors of the first batches had gone to the data file
     assert _files(tmp_path) == before
     assert len(arrays) == 3 * DESCRIBE_BATCH + 1  # the caller's mapping is left alone
+
+
+def test_saver_read_failing_after_the_first_groups_were_written_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Saver.save reads the variables group by group while the first groups are written: a
+    read failing late (here of a variable that no longer exists) fails the save with TF's error,
+    the previous checkpoint and state file are as they were, and the next save goes ahead."""
+    tf = pytest.importorskip("tensorflow")
+    from gpusaver.tf import variables as tfvars
+    variables = [tf.Variable(np.full(500, i, np.float32), name=f"v{i:04d}") for i in range(3 * tfvars._READ_GROUP)]
+    saver = gpusaver.Saver(variables)
+    saver.save(str(tmp_path / "m"))
+    before = _files(tmp_path)
+    writes = []
+    real = local_storage.LocalWriteStream.write_many
+    monkeypatch.setattr(local_storage.LocalWriteStream, "write_many",
+                        lambda self, views, names: writes.append(names[-1]) or real(self, views, names))
+    groups = tfvars.SnapshotReader.groups
+    gone = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[500], shared_name="gpusaver_test_gone")
+
+    def failing_late(self):
+        for k, values in enumerate(groups(self)):
+            if k == 2:
+                while not writes:  # the first groups are in the data file
+                    time.sleep(0.001)
+                tfvars.read_values(variables[0].device, [gone], [tf.float32])
+            yield values
+
+    monkeypatch.setattr(tfvars.SnapshotReader, "groups", failing_late)
+    with pytest.raises(tf.errors.FailedPreconditionError, match="gpusaver_test_gone"):
+        saver.save(str(tmp_path / "m"))
+    assert writes
+    assert _files(tmp_path) == before
+    monkeypatch.setattr(tfvars.SnapshotReader, "groups", groups)
+    assert saver.save(str(tmp_path / "m")) == str(tmp_path / "m")
 
 
 # -- 3. an unobserved save_async failure surfaces ------------------------------------------------

@@ -373,3 +373,26 @@ def test_groups_form_only_for_this_hosts_cpu():
     assert assigner._groups_on(local) and assigner._groups_on("")
     assert not assigner._groups_on(local.replace("CPU:0", "GPU:0"))
     assert not assigner._groups_on("/job:ps/replica:0/task:1/device:CPU:0")
+
+
+def test_save_and_save_async_write_the_same_bytes(tmp_path):
+    """save() reads the variables while the first ones are written (a Feed), save_async() reads
+    them all first: the same checkpoint either way, byte for byte, over several read groups and
+    every kind of value (strings, bfloat16, scalars)."""
+    from gpusaver.tf.variables import _READ_GROUP
+    variables = [tf.Variable(np.full((i % 7) * 100, i, np.float32), name=f"v{i:04d}") for i in range(2 * _READ_GROUP + 5)]
+    variables += _vars() + [tf.Variable(tf.constant([1.5, -2.0], tf.bfloat16), name="half")]
+    saver = gpusaver.Saver(variables)
+    saver.save(str(tmp_path / "a"))
+    saver.save_async(str(tmp_path / "b")).result()
+    for suffix in (".index", ".data-00000-of-00001"):
+        assert (tmp_path / f"a{suffix}").read_bytes() == (tmp_path / f"b{suffix}").read_bytes()
+    reader = tf.train.load_checkpoint(str(tmp_path / "a"))
+    assert reader.get_tensor("v0260").tolist() == [260.0] * 100 and list(reader.get_tensor("vocab")) == [b"a", "ü".encode()]
+
+
+def test_a_feed_is_saved_in_reference_mode_only(tmp_path):
+    from gpusaver import core
+    with pytest.raises(gpusaver.InvalidArgumentError, match="reference"):
+        core.save_async(str(tmp_path / "m"), core.Feed(), gpusaver.Options(snapshot="copy"), copy_on_write=True)
+    assert os.listdir(tmp_path) == []

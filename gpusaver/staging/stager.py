@@ -12,6 +12,7 @@ from gpusaver.format.dtypes import dtype_to_enum
 from gpusaver.options import Options
 from gpusaver.staging import devices
 from gpusaver.staging.devices import Device
+from gpusaver.staging.feed import Feed
 from gpusaver.staging.host import HostEngine, as_host_array
 from gpusaver.staging.io_types import LoadItem, SaveItem
 from gpusaver.staging.pool import Arena, BufferPool, HostSlabs, aligned_empty, align_up
@@ -79,9 +80,10 @@ class Stager:
             return {}
         return {d: [e] for d, e in self.cuda().ready_events(device_ids).items()}
 
-    def describe(self, values: dict, convert, ready: dict) -> Iterator[list[SaveItem]]:
-        """The save's items, :data:`DESCRIBE_BATCH` at a time, as the save's staging thread asks
-        for them (see :class:`pipeline.SaveJob`); each value leaves ``values`` as it is described.
+    def describe(self, values: dict | Feed, convert, ready: dict) -> Iterator[list[SaveItem]]:
+        """The save's items, :data:`DESCRIBE_BATCH` at a time (or a :class:`Feed`'s batches, as
+        they arrive), as the save's staging thread asks for them (see :class:`pipeline.SaveJob`);
+        each value leaves ``values`` as it is described.
         Imports and copies made here run on that thread's stream after the caller's ready events
         (JAX arrays also wait for their own buffers here); one more event per device, added to
         ``ready`` after each batch, orders the batch's staging after them. Arrays an adapter's
@@ -89,9 +91,8 @@ class Stager:
         synchronises first)."""
         if ready:
             self.cuda().wait_events(ready)
-        names = list(values)
-        for start in range(0, len(names), DESCRIBE_BATCH):
-            items = [self.item(name, convert(values.pop(name))) for name in names[start:start + DESCRIBE_BATCH]]
+        for names, batch in (values if isinstance(values, Feed) else _batches(values)):
+            items = [self.item(name, convert(value)) for name, value in zip(names, batch)]
             ids = {item.device.index for item in items if item.device.is_cuda}
             for d, event in (self.cuda().ready_events(ids) if ids else {}).items():
                 ready.setdefault(d, []).append(event)
@@ -172,6 +173,14 @@ class Stager:
         """The items as host arrays, in memory from the load's ``slabs`` (see :class:`HostSlabs`:
         fresh memory per tensor cost more than the read)."""
         return reader.read_many([item.name for item in items], slabs.region, [item.entry for item in items])
+
+
+def _batches(values: dict) -> Iterator[tuple[list[str], list]]:
+    """``values``' items, :data:`DESCRIBE_BATCH` at a time, each leaving ``values`` as it goes."""
+    names = list(values)
+    for start in range(0, len(names), DESCRIBE_BATCH):
+        part = names[start:start + DESCRIBE_BATCH]
+        yield part, [values.pop(name) for name in part]
 
 
 @functools.lru_cache(maxsize=None)

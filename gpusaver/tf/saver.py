@@ -118,6 +118,9 @@ class Saver:
         self._on_gpu = any(placement.device_of(v).is_cuda for v in self._vars.values())
         self._cluster = distribute.cluster_of(self._vars.values())  # None unless multi-worker
         self._options = options or Options()
+        # Host variables in one order can be read while the save runs (see _save_fed).
+        self._can_feed = (not self._on_gpu and self._cluster is None and self._read_all.in_order
+                     and self._options.snapshot_mode(copy_on_write=True) == "reference")
         self._stager = core.Stager(self._options)
         self._max_to_keep = check_max_to_keep(max_to_keep, allow_zero=True)
         self._ledgers: dict[str, Retention] = {}  # directory -> its retention, made on the first save there
@@ -154,16 +157,20 @@ class Saver:
         CheckpointIOError naming the file (disk full, ...), after which the previous checkpoint
         under that prefix and the state file are as they were.
         """
+        return self._start(file_prefix, global_step, overlap_reads=False)
+
+    def save(self, file_prefix: str, global_step=None) -> str:
+        """Save and return the prefix written; see :meth:`save_async`. The caller waits for the
+        files anyway, so host variables are read while the first ones are written."""
+        return self._start(file_prefix, global_step, overlap_reads=True).result()
+
+    def _start(self, file_prefix: str, global_step, overlap_reads: bool) -> SaveFuture:
         tfvars.require_eager("save")
         prefix = paths.for_write(file_prefix, "Saver.save", self._options)
         base = os.path.basename(prefix)
         if global_step is not None:
             prefix = f"{prefix}-{as_int(global_step, 'global_step')}"
-        return self._gpusaver_write(prefix, functools.partial(self._commit, base=base))
-
-    def save(self, file_prefix: str, global_step=None) -> str:
-        """Save and return the prefix written; see :meth:`save_async`."""
-        return self.save_async(file_prefix, global_step).result()
+        return self._gpusaver_write(prefix, functools.partial(self._commit, base=base), overlap_reads=overlap_reads)
 
     def wait(self, raise_errors: bool = True):
         """Block until the save in flight (if any) has finished; re-raise its error if asked."""
@@ -181,10 +188,12 @@ class Saver:
     def _gpusaver_options(self) -> Options:
         return self._options
 
-    def _gpusaver_write(self, prefix: str, on_commit, options=None) -> SaveFuture:
+    def _gpusaver_write(self, prefix: str, on_commit, options=None, overlap_reads: bool = False) -> SaveFuture:
         """Snapshot the variables and write them at exactly ``prefix``; ``on_commit(prefix)`` runs
         on the save thread once the files are in place (a CheckpointManager's retention, or the
         Saver's own) and is the future's result. Used by :class:`gpusaver.CheckpointManager`.
+        ``overlap_reads``: read the variables while the save writes the first ones where it can
+        (:meth:`_save_fed`): a shorter save, a longer return (the reads share the CPU with it).
         Raises InvalidArgumentError for ``options`` (CheckpointOptions are for checkpoint objects)."""
         tfvars.require_eager("save")
         if options is not None:
@@ -193,23 +202,50 @@ class Saver:
         with self._lock, gcpause.paused():
             raise_unobserved(self._inflight)
             # Holding the tensors is the snapshot; turning them into arrays happens in the background.
-            tensors = dict(zip(self._vars, self._read_all()))
-            if self._on_gpu:
-                # GPU buffers go to CuPy through TF's stream-less DLPack export, which is only
-                # ordered once TF's device work is done: wait for it once, here, then take the
-                # capsules on this thread while the devices are idle (see export_gpu).
-                tfvars.sync_devices()
-                tensors = {name: tfvars.export_gpu(t) for name, t in tensors.items()}
-            if self._cluster is not None:
-                # Every worker writes a share and the chief commits; not in the background.
-                future = distribute.save_future(self._cluster, prefix, tensors, self._options, stager=self._stager,
-                                                to_array=tfvars.as_array, on_commit=on_commit)
+            if overlap_reads and self._can_feed:
+                future = self._save_fed(prefix, on_commit)
             else:
-                future = core.save_async(prefix, tensors, self._options, stager=self._stager,
-                                         on_done=on_commit, to_array=tfvars.as_array,
-                                         copy_on_write=True)
+                future = self._save_read(prefix, on_commit)
             future = SaveFuture.following(future)
             self._inflight = future
+        return future
+
+    def _save_read(self, prefix: str, on_commit) -> concurrent.futures.Future:
+        """Read every variable, then start the save (GPU variables, several workers)."""
+        tensors = dict(zip(self._vars, self._read_all()))
+        if self._on_gpu:
+            # GPU buffers go to CuPy through TF's stream-less DLPack export, which is only
+            # ordered once TF's device work is done: wait for it once, here, then take the
+            # capsules on this thread while the devices are idle (see export_gpu).
+            tfvars.sync_devices()
+            tensors = {name: tfvars.export_gpu(t) for name, t in tensors.items()}
+        if self._cluster is not None:
+            # Every worker writes a share and the chief commits; not in the background.
+            return distribute.save_future(self._cluster, prefix, tensors, self._options, stager=self._stager,
+                                          to_array=tfvars.as_array, on_commit=on_commit)
+        return core.save_async(prefix, tensors, self._options, stager=self._stager, on_done=on_commit,
+                               to_array=tfvars.as_array, copy_on_write=True)
+
+    def _save_fed(self, prefix: str, on_commit) -> concurrent.futures.Future:
+        """Start the save, then read the variables group by group into it: the save thread writes
+        the first groups while this thread reads the next (TF's read takes ~3.5 µs a variable:
+        36 ms for 10,000, 0.1 s for 30,000, before the first write otherwise). Saves of 30,000
+        variables of 8 KiB took 23% less time (10,000 of 105 KiB: 5%), but the reads took 30-60%
+        longer, sharing the CPU with the save: so for :meth:`save`, whose caller waits anyway, not
+        for :meth:`save_async`, whose caller waits only for the reads."""
+        feed = core.Feed()
+        future = core.save_async(prefix, feed, self._options, stager=self._stager, on_done=on_commit,
+                                 to_array=tfvars.as_array, copy_on_write=True)
+        names, start = list(self._vars), 0
+        try:
+            for values in self._read_all.groups():
+                feed.put(names[start:start + len(values)], values)
+                start += len(values)
+        except BaseException as e:
+            feed.abort(e)
+            concurrent.futures.wait([future])  # the save's temporary files are gone before we raise
+            raise
+        feed.close()
         return future
 
     def _commit(self, prefix: str, base: str) -> str:

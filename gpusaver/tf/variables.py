@@ -9,6 +9,7 @@ And TF numbers a capsule's CUDA device by its own logical index (``/GPU:n``), no
 capsules are renumbered in place where the two differ (:mod:`gpusaver.tf.placement`).
 """
 import logging
+from typing import Iterator
 
 import ml_dtypes
 import numpy as np
@@ -107,8 +108,9 @@ def _read_group(device: str, handles: list, attrs: tuple) -> list[tf.Tensor]:
         try:
             return execute.execute(b"_ReadVariablesOp", num_outputs=len(handles), inputs=handles, attrs=attrs,
                                    ctx=context.context())
-        except tf.errors.NotFoundError:  # op or kernel not registered in this TF build
-            _unbatched.add(device)
+        except tf.errors.NotFoundError as e:
+            if "_ReadVariablesOp" in e.message:  # op or kernel not registered in this TF build
+                _unbatched.add(device)  # (else e.g. a destroyed variable: the single reads name it)
         except Exception:  # e.g. an uninitialized variable: the single reads name it
             pass
     return [tf.raw_ops.ReadVariableOp(resource=h, dtype=d) for h, d in zip(handles, attrs[3])]
@@ -142,13 +144,23 @@ class SnapshotReader:
         self._order = None if read_order == sorted(read_order) else sorted(range(len(read_order)),
                                                                              key=read_order.__getitem__)
 
+    @property
+    def in_order(self) -> bool:
+        """Whether :meth:`groups` reads the variables in the order they were given."""
+        return self._order is None
+
+    def groups(self) -> Iterator[list[tf.Tensor]]:
+        """The variables' values, one group (up to ``_READ_GROUP``, one op call) at a time,
+        device by device (the order given where :attr:`in_order`)."""
+        for device, groups in self._devices:
+            for handles, attrs in groups:
+                with tf.device(device):  # not held across a yield: the caller's ops run outside it
+                    values = _read_group(device, handles, attrs)
+                yield values
+
     def __call__(self) -> list[tf.Tensor]:
         """The variables' values, in the order they were given."""
-        out = []
-        for device, groups in self._devices:
-            with tf.device(device):
-                for handles, attrs in groups:
-                    out.extend(_read_group(device, handles, attrs))
+        out = [value for group in self.groups() for value in group]
         return out if self._order is None else [out[j] for j in self._order]
 
     def by_id(self) -> dict[int, tf.Tensor]:
