@@ -144,79 +144,10 @@ class SaveJob:
             if self._staging_left == 0:
                 self.snapshot_held.set()
 
-    def _produce(self, batches: Iterable[list[SaveItem]], buffers, out: queue.Queue, cancel: threading.Event):
-        def put(message) -> bool:
-            while not cancel.is_set():
-                try:
-                    out.put(message, timeout=0.05)
-                    return True
-                except queue.Full:
-                    pass
-            message.release()  # it never reaches the writer: its buffers go back here
-            return False
-
-        # Small tensors travel to the writer in batches instead of begin/chunk/end each: models
-        # have thousands of them, and the queue hand-offs were most of their cost. A batch that
-        # holds pool buffers is sent before staging anything that may wait for a buffer, so
-        # staging never waits on buffers only the unsent batch would give back.
-        batch = _Staged([])
-        try:
-            views_wanted = True  # until the engine says it stages these tensors (copies, devices)
-            for items in batches:  # streamed: each list is described here, as it is reached
-                staging = buffers.session(items)
-                with self._lock:
-                    self._nbytes += sum(item.nbytes for item in items)
-                i, n = 0, len(items)
-                while i < n:
-                    item = items[i]
-                    small = item.nbytes <= _BATCH_BYTES and item.dtype.kind not in "OSU"
-                    if not small and batch.tensors:
-                        if not put(batch):
-                            return
-                        batch = _Staged([])
-                    if item.dtype.kind in "OSU":  # DT_STRING: encoded whole by the writer
-                        if not put(_Strings(item)):
-                            return
-                    elif not small:
-                        if not put(_Begin(item)):
-                            return
-                        for chunk in staging.chunks(item, cancel.is_set):
-                            if not put(_Piece(chunk)):
-                                return
-                        if not put(_END):
-                            return
-                    elif views_wanted and not batch.tensors and (views := staging.views(run := _small_run(items, i))):
-                        # Tensors the engine hands over as they are (host arrays in reference mode):
-                        # one message and one checksum call for the whole run.
-                        if not put(_Views(run, views, crc32c_many(views))):
-                            return
-                        i += len(run)
-                        continue
-                    else:
-                        if not batch.tensors:
-                            views_wanted = False  # the engine stages these (copies, device arrays): stop asking
-                        if batch.holds and staging.may_wait(item):
-                            if not put(batch):
-                                return
-                            batch = _Staged([])
-                        batch.add(item, list(staging.chunks(item, cancel.is_set)))  # may stage (and wait) now
-                        if batch.nbytes >= _BATCH_BYTES:
-                            if not put(batch):
-                                return
-                            batch = _Staged([])
-                    i += 1
-            if batch.tensors and not put(batch):
-                return
-            self._staged_one_shard()
-            put(_DONE)
-        except BaseException as e:
-            batch.release()  # staged but never sent: its buffers go back
-            put(_Failed(e))
-
     def _write_shard(self, shard: ShardWriter, batches: Iterable[list[SaveItem]], buffers):
         staged: queue.Queue = queue.Queue(self._queue_depth)
         cancel = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(batches, buffers, staged, cancel),
+        producer = threading.Thread(target=_Producer(self, buffers, staged, cancel).run, args=(batches,),
                                     name="gpusaver-stage", daemon=True)
         producer.start()
         try:
@@ -230,6 +161,93 @@ class SaveJob:
             producer.join()
             while not staged.empty():  # hand staged buffers back to the pool
                 staged.get_nowait().release()
+
+
+class _Cancelled(Exception):
+    """The writer stopped taking messages (the save failed): the producer stops staging."""
+
+
+class _Producer:
+    """A shard's staging thread: turns the described items into messages for the shard's writer.
+
+    Large tensors go as a begin, their staged chunks and an end; strings whole (the writer
+    encodes them); runs of small tensors the engine hands over as they are (host arrays in
+    reference mode) as one message of views with their CRCs; other small tensors are staged
+    (copied or packed) into batches of up to ``_BATCH_BYTES``. Models have thousands of small
+    tensors, and one queue hand-off each was most of their cost. A batch that holds pool buffers
+    is sent before staging anything that may wait for a buffer, so staging never waits on buffers
+    only the unsent batch would give back.
+    """
+
+    def __init__(self, job: SaveJob, buffers, out: queue.Queue, cancel: threading.Event):
+        self._job, self._buffers, self._out, self._cancel = job, buffers, out, cancel
+        self._batch = _Staged([])  # small tensors staged, not sent yet
+        self._views_wanted = True  # until the engine says it stages these tensors (copies, devices)
+
+    def run(self, batches: Iterable[list[SaveItem]]):
+        try:
+            for items in batches:  # streamed: each list is described here, as it is reached
+                self._stage(items, self._buffers.session(items))
+            self._flush()
+            self._job._staged_one_shard()
+            self._put(_DONE)
+        except _Cancelled:
+            self._batch.release()
+        except BaseException as e:
+            self._batch.release()  # staged but never sent: its buffers go back
+            try:
+                self._put(_Failed(e))
+            except _Cancelled:
+                pass
+
+    def _stage(self, items: list[SaveItem], staging):
+        with self._job._lock:
+            self._job._nbytes += sum(item.nbytes for item in items)
+        i = 0
+        while i < len(items):
+            item = items[i]
+            if item.dtype.kind in "OSU":  # DT_STRING: encoded whole by the writer
+                self._flush()
+                self._put(_Strings(item))
+            elif item.nbytes > _BATCH_BYTES:
+                self._flush()
+                self._put(_Begin(item))
+                for chunk in staging.chunks(item, self._cancel.is_set):
+                    self._put(_Piece(chunk))
+                self._put(_END)
+            elif self._views_wanted and not self._batch.tensors and (views := staging.views(run := _small_run(items, i))):
+                self._put(_Views(run, views, crc32c_many(views)))  # one checksum call for the run
+                i += len(run)
+                continue
+            else:
+                self._add_small(item, staging)
+            i += 1
+
+    def _add_small(self, item: SaveItem, staging):
+        if not self._batch.tensors:
+            self._views_wanted = False  # the engine stages these (copies, device arrays): stop asking
+        if self._batch.holds and staging.may_wait(item):
+            self._flush()
+        self._batch.add(item, list(staging.chunks(item, self._cancel.is_set)))  # may stage (and wait) now
+        if self._batch.nbytes >= _BATCH_BYTES:
+            self._flush()
+
+    def _flush(self):
+        if self._batch.tensors:
+            batch, self._batch = self._batch, _Staged([])
+            self._put(batch)
+
+    def _put(self, message: "_Message"):
+        """Queue ``message`` for the writer; if the save is cancelled meanwhile, give its buffers
+        back and raise _Cancelled."""
+        while not self._cancel.is_set():
+            try:
+                self._out.put(message, timeout=0.05)
+                return
+            except queue.Full:
+                pass
+        message.release()  # it never reaches the writer: its buffers go back here
+        raise _Cancelled
 
 
 def _small_run(items: list[SaveItem], i: int) -> list[SaveItem]:
