@@ -14,10 +14,9 @@ _END = object()
 
 
 class Feed:
-    """A save's arrays, arriving as ``(names, values)`` batches. The caller :meth:`put` s every
-    batch, then :meth:`close` s the feed (or :meth:`abort` s it when it cannot go on); the save's
-    staging thread iterates it, each batch as it arrives. Every name must differ, as in a dict.
-    One producer, one consumer."""
+    """A save's arrays, arriving as ``(names, values)`` batches: the caller puts every batch, then
+    closes the feed (or aborts it when it cannot go on); the save's staging thread iterates it,
+    each batch as it arrives. Every name must differ, as in a dict. One producer, one consumer."""
 
     def __init__(self):
         self._batches = queue.SimpleQueue()

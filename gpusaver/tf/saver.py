@@ -120,7 +120,7 @@ class Saver:
         self._options = options or Options()
         # Host variables in one order can be read while the save runs (see _save_fed).
         self._can_feed = (not self._on_gpu and self._cluster is None and self._read_all.in_order
-                     and self._options.snapshot_mode(copy_on_write=True) == "reference")
+                          and self._options.snapshot_mode(copy_on_write=True) == "reference")
         self._stager = core.Stager(self._options)
         self._max_to_keep = check_max_to_keep(max_to_keep, allow_zero=True)
         self._ledgers: dict[str, Retention] = {}  # directory -> its retention, made on the first save there
