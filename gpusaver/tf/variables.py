@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.eager import context, execute  # for the batched variable read
+from tensorflow.python.framework import ops
 
 from gpusaver.errors import InvalidTypeError, MismatchError
 from gpusaver.format.dtypes import enum_to_dtype
@@ -236,6 +237,7 @@ def export_gpu(value):
 
 
 _DT_STRING = tf.string.as_datatype_enum
+_EagerTensor = ops.EagerTensor
 
 
 def as_array(value):
@@ -248,6 +250,8 @@ def as_array(value):
     copied (TF stores them as C++ objects). This runs once per tensor of every save: a model's
     30,000 tensors cost ~2 µs each here.
     """
+    if type(value) is _EagerTensor and value._datatype_enum() != _DT_STRING and value.device in _host_devices:
+        return value._numpy()  # the common case, checked first: 2.2 µs a tensor here, 2.6 µs below
     if isinstance(value, (dlpack.CapsuleProducer, np.ndarray)):
         return value
     if value._datatype_enum() == _DT_STRING:  # the enum: 0.1 µs, where DType.__eq__ costs ~1 µs
