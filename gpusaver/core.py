@@ -74,7 +74,7 @@ def save_async(file_prefix: str, arrays: Mapping[str, Any] | Feed, options: Opti
 
     job = pipeline.SaveJob(file_prefix, lambda: stager.describe(values, convert, ready), options, mode,
                            lambda items: stager.buffers(items, mode, ready),
-                           on_done).start()
+                           on_done, stager.index_cache).start()
     if mode == "copy" or (mode == "host" and not copy_on_write):
         job.snapshot_held.wait()
     return job.future

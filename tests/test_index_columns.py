@@ -124,3 +124,42 @@ def test_names_too_long_for_one_matrix_take_the_entry_by_entry_path(monkeypatch)
     table = {f"{i % 7}/" + "x" * (i % 300): Entry(1, (2,), 0, 8 * i, 8, i + 1) for i in range(500)}
     header = Header().encode()
     assert _columns(table, batched=True).encode(header, 1024) == _reference(header, table, 1024)
+
+
+def _model_entries(rng: random.Random, n: int) -> dict[str, Entry]:
+    """A model's index: long names, a few shapes, consecutive offsets, CRCs that are never zero."""
+    table, offset = {}, 0
+    for i in range(n):
+        shape = rng.choice([(128,), (64, 64), (3, 3, 32, 32)])
+        size = 4 * math.prod(shape)
+        table[f"model/layer_{i:05d}/{rng.choice(['kernel', 'bias', 'gamma'])}/.ATTRIBUTES/VARIABLE_VALUE"] = \
+            Entry(1, shape, 0, offset, size, rng.randrange(1, 1 << 32))
+        offset += size
+    return table
+
+
+@pytest.mark.parametrize("block_size", [columns.BLOCK_SIZE, 4096])
+def test_an_index_saved_again_with_new_crcs_is_refilled_byte_for_byte(block_size, monkeypatch):
+    """IndexCache: the same entries with new CRCs give the table a full encode gives (several data
+    blocks, each with its own checksum); any other change is encoded in full."""
+    encoded = []  # full encodes
+    monkeypatch.setattr(columns.IndexColumns, "encode", lambda self, h, real=columns.IndexColumns.encode:
+                        encoded.append(len(self._names)) or real(self, h, block_size))
+    rng = random.Random(7)
+    header = Header(num_shards=1).encode()
+    first = _model_entries(rng, 6000)
+    cache = columns.IndexCache()
+    assert cache.encode(_columns(first, True), header) == _reference(header, first, block_size)
+    encoded.clear()
+    again = {name: e._replace(crc32c=rng.randrange(1, 1 << 32)) for name, e in first.items()}
+    table = cache.encode(_columns(again, True), header)
+    assert encoded == [] and table == _reference(header, again, block_size)
+    read = dict(read_table(table))  # every block's checksum holds
+    assert len(read) == len(again) + 1
+    moved = dict(again)
+    name = next(iter(moved))
+    moved[name] = moved[name]._replace(offset=moved[name].offset + 1)
+    zero = {**again, name: again[name]._replace(crc32c=0)}  # a CRC field left out: lengths change
+    for changed in (moved, zero):
+        assert cache.encode(_columns(changed, True), header) == _reference(header, changed, block_size)
+    assert len(encoded) == 2

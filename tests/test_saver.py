@@ -396,3 +396,19 @@ def test_a_feed_is_saved_in_reference_mode_only(tmp_path):
     with pytest.raises(gpusaver.InvalidArgumentError, match="reference"):
         core.save_async(str(tmp_path / "m"), core.Feed(), gpusaver.Options(snapshot="copy"), copy_on_write=True)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_saver_saving_again_writes_what_a_new_saver_writes(tmp_path):
+    """A Saver's second save refills its last index with the new CRCs (IndexCache): the files
+    are those a fresh Saver writes, and TF reads the new values from them."""
+    variables = [tf.Variable(np.full(300, i, np.float32), name=f"v{i:04d}") for i in range(600)]
+    saver = gpusaver.Saver(variables)
+    saver.save(str(tmp_path / "a"))
+    for i, v in enumerate(variables):
+        v.assign(np.full(300, -i, np.float32))
+    saver.save(str(tmp_path / "b"))
+    gpusaver.Saver(variables).save(str(tmp_path / "c"))
+    for suffix in (".index", ".data-00000-of-00001"):
+        assert (tmp_path / f"b{suffix}").read_bytes() == (tmp_path / f"c{suffix}").read_bytes()
+    assert (tmp_path / "a.index").read_bytes() != (tmp_path / "b.index").read_bytes()  # the CRCs changed
+    assert tf.train.load_checkpoint(str(tmp_path / "b")).get_tensor("v0599").tolist() == [-599.0] * 300

@@ -17,7 +17,7 @@ import numpy as np
 
 from gpusaver.errors import MismatchError, io_error
 from gpusaver.format import naming, strings
-from gpusaver.format.columns import IndexColumns
+from gpusaver.format.columns import IndexCache, IndexColumns
 from gpusaver.format.bundle import MAX_SHARDS, byte_view, num_elements
 from gpusaver.format.dtypes import DataType, dtype_to_enum, enum_to_dtype
 from gpusaver.format.proto import Entry, Header
@@ -162,10 +162,11 @@ class BundleWriter:
 
     ``storage``: where the files go (:mod:`gpusaver.storage`); default ``for_url(prefix)``, the
     local file system for a plain path, fsspec for a URL such as ``s3://bucket/dir/model``.
+    ``index_cache``: an :class:`IndexCache` that saves of the same tensors share (a Saver's).
     """
 
     def __init__(self, prefix: str, num_shards: int = 1, fsync: bool = False, on_commit=None,
-                 storage: Storage | None = None):
+                 storage: Storage | None = None, index_cache: IndexCache | None = None):
         if not 1 <= num_shards <= MAX_SHARDS:
             raise ValueError(f"num_shards must be in [1, {MAX_SHARDS}], got {num_shards}")
         self.prefix = os.fspath(prefix)
@@ -174,6 +175,7 @@ class BundleWriter:
         self._lock = threading.Lock()
         self._names: set[str] = set()
         self._index = IndexColumns()
+        self._index_cache = index_cache
         self._on_commit = on_commit
         self.committed = None
         self.storage = storage if storage is not None else for_url(self.prefix)
@@ -235,7 +237,9 @@ class BundleWriter:
         try:
             for s in self._shards:
                 s._close()
-            table = self._index.encode(Header(num_shards=self.num_shards).encode())
+            header = Header(num_shards=self.num_shards).encode()
+            table = (self._index_cache.encode(self._index, header) if self._index_cache is not None
+                     else self._index.encode(header))
             index = naming.index_path(self.prefix)
             self._index_stream = self.storage.open_write(index, self._fsync, "writing the checkpoint index")
             self._index_stream.write(table)

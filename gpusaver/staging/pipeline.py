@@ -76,7 +76,8 @@ class SaveJob:
     """
 
     def __init__(self, prefix: str, describe: Callable[[], Iterable[list[SaveItem]]], options: Options, mode: str,
-                 buffers: Callable[[list[SaveItem]], Any], on_done: Callable[[str], Any] | None = None):
+                 buffers: Callable[[list[SaveItem]], Any], on_done: Callable[[str], Any] | None = None,
+                 index_cache=None):
         self.prefix = prefix
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.snapshot_held = threading.Event()
@@ -84,6 +85,7 @@ class SaveJob:
         self._options = options
         self._buffers = buffers
         self._on_done = on_done
+        self._index_cache = index_cache
         self._staging_left = options.num_shards
         self._streamed = options.num_shards == 1 and mode != "host"
         # Host mode stages at link speed into a model-sized buffer, never waiting for the writer.
@@ -114,7 +116,7 @@ class SaveJob:
         # on_done (the state file, retention) commits inside the writer: if it fails, the writer
         # puts back the checkpoint files this save replaced.
         with BundleWriter(self.prefix, opts.num_shards, fsync=opts.fsync, on_commit=self._on_done,
-                          storage=for_url(self.prefix, opts)) as writer:
+                          storage=for_url(self.prefix, opts), index_cache=self._index_cache) as writer:
             batches = self._describe()
             self._describe = None  # the caller's mapping: dropped, so staged arrays can go
             if self._streamed:

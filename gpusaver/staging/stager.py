@@ -7,6 +7,7 @@ from typing import Iterator
 import numpy as np
 
 from gpusaver.errors import InvalidArgumentError, MismatchError, UnsupportedError
+from gpusaver.format.columns import IndexCache
 from gpusaver.format.reader import BundleReader
 from gpusaver.format.dtypes import dtype_to_enum
 from gpusaver.options import Options
@@ -37,6 +38,7 @@ class Stager:
         self._cuda = None
         self._cupy_array = None  # cupy.ndarray once the CUDA engine exists
         self._dtypes_ok: set = set()
+        self.index_cache = IndexCache()  # a model saved again: its index refilled, not re-encoded
         self._lock = threading.Lock()
 
     def cuda(self):
