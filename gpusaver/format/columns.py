@@ -99,7 +99,6 @@ class IndexColumns:
         self._sizes: list[int] = []
         self._crcs: list[int] = []  # masked, as stored
         self._sliced: dict[int, Entry] = {}  # rows of partitioned tensors, encoded one by one
-        self.header: bytes | None = None  # the header and layout of the table encoded (IndexCache)
         self.layout: _Layout | None = None  # set by encode() where the table can be refilled
 
     def add(self, name: str, entry: Entry):
@@ -209,25 +208,25 @@ class IndexCache:
     """The last index encoded through it, to encode the next save's faster: a model saved again
     has the same entries (names, dtypes, shapes, places in the file) and new CRCs, so its table
     is the last one with each CRC put in place and the data blocks' checksums redone (30,000
-    entries: ~3 ms, where encoding them takes ~45 ms). Anything else is encoded in full. One per
+    entries: ~4.5 ms, where encoding them takes ~45 ms). Anything else is encoded in full. One per
     Stager, so per Saver; thread-safe."""
 
     def __init__(self):
-        self._last: IndexColumns | None = None
+        self._last: tuple[bytes, IndexColumns, _Layout] | None = None  # header, entries, their table
         self._lock = threading.Lock()
 
     def encode(self, index: IndexColumns, header: bytes) -> bytes:
         with self._lock:
             last = self._last
-        if last is not None and last.header == header and last.same_but_crcs(index):
-            table = last.layout.refill(index._crcs)
-            index.header, index.layout = header, last.layout
+        if last is not None and last[0] == header and last[1].same_but_crcs(index):
+            layout = last[2]
+            table = layout.refill(index._crcs)
         else:
             table = index.encode(header)
-            index.header = header
-        if index.layout is not None:
+            layout = index.layout
+        if layout is not None:
             with self._lock:
-                self._last = index
+                self._last = (header, index, layout)
         return table
 
 
