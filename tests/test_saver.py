@@ -412,3 +412,31 @@ def test_a_saver_saving_again_writes_what_a_new_saver_writes(tmp_path):
         assert (tmp_path / f"b{suffix}").read_bytes() == (tmp_path / f"c{suffix}").read_bytes()
     assert (tmp_path / "a.index").read_bytes() != (tmp_path / "b.index").read_bytes()  # the CRCs changed
     assert tf.train.load_checkpoint(str(tmp_path / "b")).get_tensor("v0599").tolist() == [-599.0] * 300
+
+
+@pytest.mark.parametrize("message, batched_after", [
+    ("Resource localhost/_0_v/N10tensorflow3VarE does not exist.", True),  # e.g. a variable deleted
+    ("No registered '_ReadVariablesOp' OpKernel for 'XPU' devices", False),  # the op itself missing
+])
+def test_only_a_missing_op_turns_the_batched_read_off(monkeypatch, message, batched_after):
+    """A batched read failing with NotFoundError falls back to one read per variable; later reads
+    on the device go batched again unless the op itself is what was not found."""
+    from gpusaver.tf import variables as tfvars
+    variables = [tf.Variable(np.full(3, i, np.float32)) for i in range(3)]
+    device, handles, dtypes = variables[0].device, [v.handle for v in variables], [v.dtype for v in variables]
+    batched, real = [], tfvars.execute
+
+    class FailingOnce:
+        @staticmethod
+        def execute(*args, **kwargs):
+            batched.append(args[0])
+            if len(batched) == 1:
+                raise tf.errors.NotFoundError(None, None, message)
+            return real.execute(*args, **kwargs)
+
+    monkeypatch.setattr(tfvars, "execute", FailingOnce)
+    monkeypatch.setattr(tfvars, "_unbatched", set())
+    for _ in range(2):
+        values = tfvars.read_values(device, handles, dtypes)
+        assert [v.numpy().tolist() for v in values] == [[float(i)] * 3 for i in range(3)]
+    assert len(batched) == (2 if batched_after else 1)
