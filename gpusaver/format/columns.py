@@ -256,18 +256,17 @@ def build_table(keys: list[bytes], values: Ragged, block_size: int = BLOCK_SIZE,
     ends = np.cumsum(lengths)
     out = bytearray()
     index = []  # (separator key, handle) per data block
-    at = np.empty(n, np.int64)  # where each record ends in the table
+    if layout is not None:
+        layout["ends"], layout["blocks"] = np.empty(n, np.int64), []
     for b, e in blocks:
         start = int(ends[b - 1]) if b else 0
         restarts = (ends[b:e:_RESTART_INTERVAL] - lengths[b:e:_RESTART_INTERVAL] - start).astype("<u4")
         contents = flat[start:int(ends[e - 1])].tobytes() + restarts.tobytes() + fixed32(len(restarts))
         separator = shortest_separator(keys[e - 1], keys[e]) if e < n else short_successor(keys[-1])
-        at[b:e] = ends[b:e] - start + len(out)
         if layout is not None:
-            layout.setdefault("blocks", []).append((len(out), len(contents)))
+            layout["ends"][b:e] = ends[b:e] - start + len(out)
+            layout["blocks"].append((len(out), len(contents)))
         index.append((separator, write_block(out, contents)))
-    if layout is not None:
-        layout["ends"] = at
     return finish_table(out, index)
 
 
