@@ -14,7 +14,7 @@ CPU_CONTENDERS = {
     "tf.compat.v1 Saver.save", "tf.train.Checkpoint.write", "tf.train.Checkpoint.write async",
     "gpusaver save fsync=True", "tf.compat.v1 Saver.save + explicit fsync",
     "gpusaver restore", "gpusaver restore 2 shards", "tf.compat.v1 Saver.restore", "tf.train.Checkpoint.read",
-    "limit: write", "limit: memcpy", "limit: write + fsync", "limit: read",
+    "limit: write", "limit: write + CRC32C", "limit: memcpy", "limit: write + fsync", "limit: read",
 }
 
 

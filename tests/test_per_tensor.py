@@ -14,7 +14,7 @@ from gpusaver.format import BundleReader
 from gpusaver.format import proto
 from gpusaver.format.proto import Entry
 from gpusaver.format.table import TableBuilder, _common_prefix, read_table
-from gpusaver.format.wire import crc32c, crc32c_many, encode_varint
+from gpusaver.format.wire import crc32c, crc32c_many, encode_varint, mask, mask_many, unmask
 from gpusaver.staging.pool import ALIGN
 
 U64 = (1 << 64) - 1
@@ -121,6 +121,16 @@ def test_table_values_are_bytes_and_round_trip():
 def test_batched_checksums_equal_single_ones():
     views = [memoryview(np.random.default_rng(i).bytes(n)) for i, n in enumerate([0, 1, 7, 8192, 100000, 1 << 20])]
     assert crc32c_many(views) == [crc32c(v) for v in views]
+
+
+@pytest.mark.parametrize("count", [5, 31, 32, 1000])
+def test_batched_masks_equal_single_ones(count):
+    """The batch's uint32 arithmetic wraps as the single mask's does, edges included."""
+    rng = np.random.default_rng(count)
+    crcs = [0, 1, 0x7FFF, 0x8000, 0x5D7D1527, 0xFFFFFFFF] + rng.integers(0, 1 << 32, count, dtype=np.uint64).tolist()
+    masked = mask_many(crcs[:count])
+    assert masked == [mask(c) for c in crcs[:count]] and [unmask(m) for m in masked] == crcs[:count]
+    assert all(type(m) is int for m in masked)
 
 
 def _mixed_model():

@@ -263,3 +263,29 @@ def test_local_write_many_resumes_short_writes_and_names_the_failing_tensor(tmp_
         stream.write_many(views, ["t0", "t1", "t2", "t3"])
     assert str(tmp_path / "g") in str(info.value) and "disk full" in str(info.value)
     stream.discard()
+
+
+def test_local_write_many_of_more_views_than_one_writev_takes(tmp_path, monkeypatch):
+    """Past Linux's 1024 buffers a call, writev goes in groups; a group cut short (here at
+    3,000,000 bytes a call) resumes inside its view, and every byte lands in order."""
+    from gpusaver.storage import local
+    real_writev, calls = os.writev, []
+
+    def capped_writev(fd, buffers):
+        calls.append(len(buffers))
+        assert len(buffers) <= 1024
+        data = b"".join(bytes(b) for b in buffers)
+        return real_writev(fd, [data[:cap]])
+
+    monkeypatch.setattr(local.os, "writev", capped_writev)
+    rng = np.random.default_rng(1)
+    views = [memoryview(rng.bytes(5000 + i % 7)) for i in range(2500)]
+    expected = b"".join(bytes(v) for v in views)
+    for cap, name in ((1 << 40, "whole"), (3_000_000, "short")):
+        calls.clear()
+        stream = LocalStorage().open_write(str(tmp_path / name))
+        stream.write_many(views, [f"t{i}" for i in range(len(views))])
+        stream.close()
+        stream.commit()
+        assert open(tmp_path / name, "rb").read() == expected
+        assert len(calls) == (3 if cap > len(expected) else 5), calls

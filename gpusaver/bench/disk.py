@@ -4,13 +4,16 @@ TensorFlow-free, so the peers bench (:mod:`gpusaver.bench.peers`) runs where TF 
 """
 import ctypes
 import os
+import queue
 import re
 import shutil
+import threading
 import time
 
 import numpy as np
 
 from gpusaver.bench import MiB, Case, timed
+from gpusaver.format.wire import crc32c
 
 _LIMIT_BUFFER = 256 * MiB  # limits cycle through one buffer pair: same bytes moved, bounded memory
 _WRITE_PIECE = 64 * MiB  # "large writes" for the plain-write limit
@@ -67,7 +70,9 @@ def slug(name: str) -> str:
 
 # --- raw limits --------------------------------------------------------------------------------
 def limit_cases(nbytes: int, path: str, setup, read_setup) -> list[Case]:
-    """Plain write of ``nbytes`` to ``path`` (large writes, one file), write + fsync, memcpy, read-back.
+    """Plain write of ``nbytes`` to ``path`` (large writes, one file), the same write with every
+    piece's CRC32C computed just ahead of it on a second thread (what a checkpointer that
+    checksums its bytes needs at least), write + fsync, memcpy, read-back.
 
     ``setup`` gives the writes (and the memcpy) the same start as the saves, ``read_setup`` the
     read-back the same start as the restores.
@@ -91,6 +96,28 @@ def limit_cases(nbytes: int, path: str, setup, read_setup) -> list[Case]:
             if fsync:
                 os.fsync(f.fileno())
 
+    def write_checksummed():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        ahead: queue.Queue = queue.Queue(2)  # the checksums run two pieces ahead of the writes
+
+        def checksum():
+            for offset, n in pieces():
+                view = memoryview(src)[offset:offset + n]
+                crc32c(view)  # the GIL released, as for a save's large pieces
+                ahead.put(view)
+            ahead.put(None)
+        thread = threading.Thread(target=checksum, name="limit-crc32c")
+        thread.start()
+        view = b""
+        try:
+            with open(path, "wb", buffering=0) as f:
+                while (view := ahead.get()) is not None:
+                    f.write(view)
+        finally:
+            while view is not None:  # a failed write: let the checksum thread finish
+                view = ahead.get()
+            thread.join()
+
     def memcpy():
         for offset, n in pieces():
             np.copyto(dst[offset:offset + n], src[offset:offset + n])
@@ -101,6 +128,7 @@ def limit_cases(nbytes: int, path: str, setup, read_setup) -> list[Case]:
                 f.readinto(memoryview(dst)[offset:offset + n])
 
     return [Case("limit: write", "save", lambda: timed(write), setup),
+            Case("limit: write + CRC32C", "save", lambda: timed(write_checksummed), setup),
             Case("limit: memcpy", "save", lambda: timed(memcpy), setup),
             Case("limit: write + fsync", "fsync", lambda: timed(lambda: write(True)), setup),
             Case("limit: read", "restore", lambda: timed(read), read_setup)]

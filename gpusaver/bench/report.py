@@ -196,8 +196,10 @@ def workload_targets(record: dict) -> list[dict]:
     g, t, w = med("gpusaver save"), med(V1_SAVE), med("limit: write")
     gr, tr = med("gpusaver restore"), med(V1_RESTORE)
     if "save_of_write" in want and g and w:
-        x = want["save_of_write"]
-        add(f"save >= {x:.0%} of plain write", w / g, w / g >= x, f"gpusaver {g:.3f} s vs plain write {w:.3f} s")
+        x, wc = want["save_of_write"], med("limit: write + CRC32C")
+        checksummed = f"; write + CRC32C {wc:.3f} s" if wc else ""
+        add(f"save >= {x:.0%} of plain write", w / g, w / g >= x,
+            f"gpusaver {g:.3f} s vs plain write {w:.3f} s{checksummed}")
     if "save_x_tf" in want and g and t:
         x = want["save_x_tf"]
         add(f"save >= {x}x Saver.save", t / g, t / g >= x, f"gpusaver {g:.3f} s vs TF {t:.3f} s")

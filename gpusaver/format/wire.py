@@ -37,13 +37,16 @@ def mask(crc: int) -> int:
     return ((((crc >> 15) | (crc << 17)) & _U32) + _MASK_DELTA) & _U32
 
 
+_MASK_DELTA32, _15, _17 = np.uint32(_MASK_DELTA), np.uint32(15), np.uint32(17)
+
+
 def mask_many(crcs: list[int]) -> list[int]:
-    """:func:`mask` of each CRC, for a batch at once."""
+    """:func:`mask` of each CRC, for a batch at once (in uint32, whose shifts and sum wrap as
+    the mask's do)."""
     if len(crcs) < 32:  # numpy's fixed cost is more than a few Python calls
         return [mask(c) for c in crcs]
-    c = np.array(crcs, np.uint64)
-    return ((((c >> np.uint64(15)) | (c << np.uint64(17))) & np.uint64(_U32)) + np.uint64(_MASK_DELTA)
-            & np.uint64(_U32)).tolist()
+    c = np.array(crcs, np.uint32)
+    return (((c >> _15) | (c << _17)) + _MASK_DELTA32).tolist()
 
 
 def unmask(masked: int) -> int:

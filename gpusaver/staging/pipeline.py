@@ -218,7 +218,7 @@ class _Producer:
                     self._put(_Piece(chunk))
                 self._put(_END)
             elif self._views_wanted and not self._batch.tensors and (views := staging.views(run := _small_run(items, i))):
-                self._put(_Views(run, views, crc32c_many(views)))  # one checksum call for the run
+                self._put(_Views.of(run, views))
                 i += len(run)
                 continue
             else:
@@ -278,20 +278,28 @@ class _Message:
 
 @dataclasses.dataclass
 class _Views(_Message):
-    """Consecutive small tensors as zero-copy views of the caller's arrays, with their CRCs."""
-    items: list[SaveItem]
+    """Consecutive small tensors as zero-copy views of the caller's arrays, with their CRCs: the
+    columns :meth:`ShardWriter.add_views` takes, made on the producer's thread (the writer's
+    Python between its write calls is on the save's critical path)."""
+    names: list[str]
+    enums: list[int]
+    shapes: list[tuple]
     views: list[memoryview]
     crcs: list[int]
 
-    def write(self, shard):
+    @classmethod
+    def of(cls, items: list[SaveItem], views: list[memoryview]) -> "_Views":
         dtype = enum = None
         enums = []
-        for item in self.items:
+        for item in items:
             if item.dtype is not dtype:  # a model has a few dtypes: each converted once per run
                 dtype, enum = item.dtype, dtype_to_enum(item.dtype)
             enums.append(enum)
-        shard.add_views([item.name for item in self.items], enums, [item.shape for item in self.items],
-                        self.views, self.crcs)
+        return cls([item.name for item in items], enums, [item.shape for item in items], views,
+                   crc32c_many(views))  # one checksum call for the run
+
+    def write(self, shard):
+        shard.add_views(self.names, self.enums, self.shapes, self.views, self.crcs)
 
 
 @dataclasses.dataclass

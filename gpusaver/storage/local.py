@@ -34,6 +34,17 @@ def discard(path: str | None):
             pass
 
 
+def _after_short_write(views: list, i: int, written: int) -> tuple[list, int]:
+    """``(views, i)`` once ``written`` bytes of ``views[i:]`` are out, fewer than all of them:
+    the views written whole are skipped, the one cut short resumes where the write stopped."""
+    views = list(views)
+    while written >= len(views[i]):
+        written -= len(views[i])
+        i += 1
+    views[i] = views[i][written:]
+    return views, i
+
+
 class LocalWriteStream(WriteStream):
     """A buffered temp file; renamed over :attr:`path` at :meth:`commit`."""
 
@@ -57,19 +68,19 @@ class LocalWriteStream(WriteStream):
         if sum(map(len, views)) < _WRITEV_MIN_AVERAGE * len(views):
             super().write_many(views, tensors)  # tiny tensors: coalesced in the buffer
             return
-        views, i = list(views), 0  # views[i:] are still to be written
+        i = 0  # views[:i] are written
         try:
             # The buffer's bytes come first; then the file position is where writev appends
             # (BufferedWriter keeps no position of its own between flushes, without seeks).
             self._file.flush()
             fd = self._file.fileno()
             while i < len(views):
-                written = os.writev(fd, views[i:i + _IOV_MAX])
-                while i < len(views) and written >= len(views[i]):
-                    written -= len(views[i])
-                    i += 1
-                if written:  # a short write: resume inside that view
-                    views[i] = views[i][written:]
+                group = views[i:i + _IOV_MAX]
+                written = os.writev(fd, group)
+                if written == sum(map(len, group)):  # the usual case: no loop over the views
+                    i += len(group)
+                else:
+                    views, i = _after_short_write(views, i, written)
         except OSError as e:
             raise io_error(e, self.path, self._what, tensors[min(i, len(tensors) - 1)]) from e
 
