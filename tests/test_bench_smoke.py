@@ -149,6 +149,7 @@ def test_demo(tmp_path):
     ("checkpoint_bench.py", ["--size-gib", "0.004", "--runs", "1"], "gpusaver.Checkpoint.save_async"),
     ("save_ab.py", ["--baseline", ROOT, "--workloads", "small,many", "--rounds", "1", "--runs", "1", "--tiny"],
      "Saver.save"),
+    ("write_contention.py", ["--gib", "0.01", "--rounds", "1"], "beside a python load"),
 ])
 def test_bench_scripts_run_tiny(script, args, expect):
     """The single-purpose scripts of bench/ (their figures are in the README and bench/results)."""

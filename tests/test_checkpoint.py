@@ -12,7 +12,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 from tensorflow.core.protobuf import trackable_object_graph_pb2  # noqa: E402
 
-GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
+from corrupt import GRAPH_KEY, flip_byte  # noqa: E402
 
 
 def _model(build=True, seed=0):
@@ -45,22 +45,9 @@ def _object_graph(prefix):
 
 def _corrupt_a_variable(prefix):
     """Flip a byte inside a kernel's bytes (a variable that exists only once the model is built)."""
-    _flip_first_byte(prefix, lambda reader, keys: next(k for k in keys if len(reader.entry(k).shape) == 2))
+    flip_byte(prefix, lambda reader, keys: next(k for k in keys if len(reader.entry(k).shape) == 2))
 
 
-def _flip_first_byte(prefix, pick) -> str:
-    """Flip the first byte of the tensor ``pick(reader, keys)`` chooses among the checkpoint's
-    tensors (the object graph left out); returns its key."""
-    reader = BundleReader(prefix)
-    key = pick(reader, [k for k in reader.keys() if k != GRAPH_KEY])
-    offset = reader.entry(key).offset
-    reader.close()
-    with open(prefix + ".data-00000-of-00001", "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    return key
 
 
 def test_tf_restores_gpusaver_checkpoint_with_object_matching(tmp_path):
@@ -222,7 +209,7 @@ def test_failed_restore_changes_no_variable(tmp_path):
     module = tf.Module()
     module.vs = [tf.Variable(np.full(16384, i, np.float32)) for i in range(300)]  # 64 KiB: several reads
     path = gpusaver.Checkpoint(m=module).write(str(tmp_path / "ckpt"))
-    last = _flip_first_byte(path, lambda reader, keys: max(keys, key=lambda k: reader.entry(k).offset))
+    last = flip_byte(path)
 
     other = tf.Module()
     other.vs = [tf.Variable(np.full(16384, -1, np.float32)) for _ in range(300)]

@@ -20,6 +20,8 @@ from gpusaver.format.proto import Entry, Extent, Header
 from gpusaver.format.table import TableBuilder
 from gpusaver.format.wire import crc32c, mask
 
+from corrupt import flip_byte
+
 
 def _files(directory):
     return {p.name: p.read_bytes() for p in directory.iterdir()}
@@ -322,19 +324,6 @@ def test_observed_async_failure_is_not_raised_again(tmp_path):
     assert saver.save(str(tmp_path / "ok")) == str(tmp_path / "ok")
 
 
-def _flip_in_last_tensor(prefix: str, at: int) -> str:
-    """Flip bits of the byte ``at`` (negative: from the end) of the tensor that lies last in the
-    data file; return its name."""
-    with gpusaver.format.BundleReader(prefix) as r:
-        last = max(r.keys(), key=lambda n: r.entry(n).offset)
-        entry = r.entry(last)
-    data = naming.data_path(prefix, 0, 1)
-    raw = bytearray(open(data, "rb").read())
-    raw[entry.offset + (at if at >= 0 else entry.size + at)] ^= 0xFF
-    open(data, "wb").write(bytes(raw))
-    return last
-
-
 # -- 4. all-or-nothing restore --------------------------------------------------------------------
 def test_restore_failing_late_changes_no_variable(tmp_path):
     tf = pytest.importorskip("tensorflow")
@@ -342,7 +331,7 @@ def test_restore_failing_late_changes_no_variable(tmp_path):
     vs = [tf.Variable(np.full(100_000, i, np.float32), name=f"v{i:02d}") for i in range(20)]
     saver = gpusaver.Saver(vs)
     prefix = saver.save(str(tmp_path / "m"))
-    last = _flip_in_last_tensor(prefix, at=5)
+    last = flip_byte(prefix, at=5)
     for v in vs:
         v.assign(tf.fill(v.shape, -1.0))
     with pytest.raises(CorruptCheckpointError, match=last):
@@ -409,7 +398,7 @@ def test_restore_crc_failure_late_among_many_small_variables_changes_no_variable
     vs = [tf.Variable(np.full(2048, i, np.float32), name=f"v{i:04d}") for i in range(1000)]
     saver = gpusaver.Saver(vs)
     prefix = saver.save(str(tmp_path / "m"))
-    last = _flip_in_last_tensor(prefix, at=-1)
+    last = flip_byte(prefix, at=-1)
     for v in vs:
         v.assign(tf.fill(v.shape, -1.0))
     groups = _count_groups(monkeypatch)

@@ -223,8 +223,7 @@ class Saver:
             # Every worker writes a share and the chief commits; not in the background.
             return distribute.save_future(self._cluster, prefix, tensors, self._options, stager=self._stager,
                                           to_array=tfvars.as_array, on_commit=on_commit)
-        return core.save_async(prefix, tensors, self._options, stager=self._stager, on_done=on_commit,
-                               to_array=tfvars.as_array, copy_on_write=True)
+        return self._core_save(prefix, tensors, on_commit)
 
     def _save_fed(self, prefix: str, on_commit) -> concurrent.futures.Future:
         """Start the save, then read the variables group by group into it: the save thread writes
@@ -234,8 +233,7 @@ class Saver:
         longer, sharing the CPU with the save: so for :meth:`save`, whose caller waits anyway, not
         for :meth:`save_async`, whose caller waits only for the reads."""
         feed = core.Feed()
-        future = core.save_async(prefix, feed, self._options, stager=self._stager, on_done=on_commit,
-                                 to_array=tfvars.as_array, copy_on_write=True)
+        future = self._core_save(prefix, feed, on_commit)
         names, start = list(self._vars), 0
         try:
             for values in self._read_all.groups():
@@ -247,6 +245,11 @@ class Saver:
             raise
         feed.close()
         return future
+
+    def _core_save(self, prefix: str, values, on_commit) -> concurrent.futures.Future:
+        """The core's save of ``values`` (a dict of read tensors or arrays, or a Feed) at ``prefix``."""
+        return core.save_async(prefix, values, self._options, stager=self._stager, on_done=on_commit,
+                               to_array=tfvars.as_array, copy_on_write=True)
 
     def _commit(self, prefix: str, base: str) -> str:
         """Runs on the save thread once the files are in place: the directory's retention (state
