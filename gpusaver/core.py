@@ -13,7 +13,7 @@ from gpusaver.errors import InvalidArgumentError, MissingKeysError
 from gpusaver.format import paths
 from gpusaver.format.reader import BundleReader
 from gpusaver.options import Options
-from gpusaver.staging import devices, pipeline
+from gpusaver.staging import devices, load_pipeline, save_pipeline
 from gpusaver.staging.devices import Device
 from gpusaver.staging.feed import Feed
 from gpusaver.staging.pool import HostSlabs
@@ -72,7 +72,7 @@ def save_async(file_prefix: str, arrays: Mapping[str, Any] | Feed, options: Opti
         ready = stager.hold(values) if to_array is None else {}
     convert = to_array or (lambda a: a)
 
-    job = pipeline.SaveJob(file_prefix, lambda: stager.describe(values, convert, ready), options, mode,
+    job = save_pipeline.SaveJob(file_prefix, lambda: stager.describe(values, convert, ready), options, mode,
                            lambda items: stager.buffers(items, mode, ready),
                            on_done, stager.index_cache).start()
     if mode == "copy" or (mode == "host" and not copy_on_write):
@@ -89,10 +89,10 @@ def save(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = 
 
 
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], stager: Stager):
-    """Yield ``(name, array)`` for (name, device) requests, in file order; see :func:`pipeline.load_iter`.
+    """Yield ``(name, array)`` for (name, device) requests, in file order; see :func:`gpusaver.staging.load_pipeline.load_iter`.
     Host arrays of up to 4 MiB share 32 MiB slabs (see :class:`HostSlabs`)."""
     slabs = HostSlabs()
-    return pipeline.load_iter(reader, requests, stager.options, lambda batch: stager.fetch(reader, batch, slabs))
+    return load_pipeline.load_iter(reader, requests, stager.options, lambda batch: stager.fetch(reader, batch, slabs))
 
 
 def load(file_prefix: str, keys: Iterable[str] | None = None, device="cpu",

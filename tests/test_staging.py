@@ -12,7 +12,7 @@ import pytest
 import gpusaver
 from gpusaver.format import BundleReader
 from gpusaver import core
-from gpusaver.staging import devices, pipeline
+from gpusaver.staging import devices, load_pipeline
 from gpusaver.staging.pool import BufferPool, HostSlabs
 
 tf = pytest.importorskip("tensorflow")
@@ -98,14 +98,14 @@ def test_load_reads_ahead_within_the_budget(tmp_path):
     seen = []
     with BundleReader(str(tmp_path / "r")) as reader:
         requests = [(name, devices.Device("cpu", 0)) for name in reversed(tensors)]
-        for name, value in pipeline.load_iter(reader, requests, opts, fetch):
+        for name, value in load_pipeline.load_iter(reader, requests, opts, fetch):
             np.testing.assert_array_equal(value, tensors[name])
             time.sleep(0.002)  # a slow consumer: the readers must wait for it, not run ahead
             with lock:
                 held["now"] -= value.nbytes
             seen.append(name)
     assert sorted(seen) == sorted(tensors)
-    assert held["peak"] <= opts.buffer_budget + pipeline._BATCH_BYTES
+    assert held["peak"] <= opts.buffer_budget + load_pipeline._BATCH_BYTES
 
 
 def test_pool_never_exceeds_budget():

@@ -84,7 +84,7 @@ class Stager:
 
     def describe(self, values: dict | Feed, convert, ready: dict) -> Iterator[list[SaveItem]]:
         """The save's items, :data:`DESCRIBE_BATCH` at a time (or a :class:`Feed`'s batches, as
-        they arrive), as the save's staging thread asks for them (see :class:`pipeline.SaveJob`);
+        they arrive), as the save's staging thread asks for them (see :class:`save_pipeline.SaveJob`);
         each value leaves ``values`` as it is described.
         Imports and copies made here run on that thread's stream after the caller's ready events
         (JAX arrays also wait for their own buffers here); one more event per device, added to

@@ -1,30 +1,25 @@
-"""The save and load pipelines: engines stage chunks, shard writers consume them, in parallel.
+"""The save pipeline: engines stage chunks, shard writers consume them, in parallel.
 
-Save: per data shard, a producer thread stages chunks (copy-out, checksum) into a bounded queue
-while the shard's writer thread writes the previous ones, so copy-out of chunk k+1 overlaps the
-write of chunk k. Load: reader threads fill host buffers (or device arrays via the engine) ahead of
-the consumer, within the byte budget, in data-file order; small tensors travel in batches.
+Per data shard, a producer thread stages chunks (copy-out, checksum) into a bounded queue while
+the shard's writer thread writes the previous ones, so copy-out of chunk k+1 overlaps the write of
+chunk k. (The load side is :mod:`gpusaver.staging.load_pipeline`.)
 """
-import collections
 import concurrent.futures
 import dataclasses
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from gpusaver import gcpause
 from gpusaver.format import strings
-from gpusaver.format.bundle import num_elements
 from gpusaver.format.dtypes import dtype_to_enum
-from gpusaver.format.reader import BundleReader
 from gpusaver.format.wire import crc32c_many
 from gpusaver.format.writer import BundleWriter, ShardWriter
 from gpusaver.log import log_done
 from gpusaver.options import Options
 from gpusaver.storage import for_url
-from gpusaver.staging.devices import Device
-from gpusaver.staging.io_types import Chunk, LoadItem, SaveItem
+from gpusaver.staging.io_types import Chunk, SaveItem
 
 _QUEUE_DEPTH = 64  # staged items a producer may run ahead (memory is bounded by the pool, not this)
 # In reference mode running ahead gains nothing (the snapshot is held already) and costs the
@@ -32,7 +27,7 @@ _QUEUE_DEPTH = 64  # staged items a producer may run ahead (memory is bounded by
 # Core saves, medians of 9 (depth 4 / 64): 30,000 × 8 KiB 0.233 / 0.233 s, 10,000 × 105 KiB
 # 0.446 / 0.480 s.
 _REFERENCE_DEPTH = 4
-_BATCH_BYTES = 1 << 20  # consecutive small tensors up to this many bytes: one writer message, one read task
+_BATCH_BYTES = 1 << 20  # consecutive small staged tensors up to this many bytes: one writer message
 # A run of small tensors written as they are (views): one writer message, one writev. Each write
 # call costs ~45 µs on its own (ext4 on the project VM: 10,000 tensors of 105 KiB written 10 a
 # call took 0.355 s, 64 a call 0.316 s, one buffer 0.302 s), so runs go up to 8 MiB; at most 128
@@ -376,61 +371,3 @@ class _Failed(_Message):
 
 
 _END, _DONE = _End(), _Message()
-
-
-# --- load -------------------------------------------------------------------------------------
-def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], options: Options,
-              fetch: Callable[[list[LoadItem]], list]) -> Iterator[tuple[str, Any]]:
-    """Yield ``(name, value)`` for every (name, device) request, in the order the tensors lie in
-    the checkpoint's data files (sequential reads); ``fetch(batch)`` runs on reader threads and
-    returns the values of a batch of :class:`LoadItem`.
-
-    A batch is a run of consecutive tensors that together fit in ``_BATCH_BYTES``: models have
-    thousands of small tensors, and a thread-pool hand-off each cost twice the read itself.
-    Up to ``2 * num_threads`` batches are read ahead, as long as their bytes stay within
-    ``buffer_budget`` (one batch is always allowed, however large), so host memory holds at most
-    the budget plus one tensor beyond what the consumer keeps (where ``fetch`` carves host
-    arrays from shared slabs, as the stager does, add the slab being filled and the one being
-    consumed: a slab is freed once all its tensors are, 32 MiB each).
-    """
-    # One index lookup per request (models have tens of thousands): its place and its bytes.
-    items = [LoadItem(name, entry, device, entry.size if not entry.slices else
-                      num_elements(entry.shape) * max(reader.dtype(name).itemsize, 1))
-             for name, device in requests for entry in (reader.entry(name),)]
-    items.sort(key=_file_place)  # stable, as the file order is
-    batches: list[list[LoadItem]] = []
-    sizes: list[int] = []
-    for item in items:
-        if batches and sizes[-1] + item.nbytes <= _BATCH_BYTES:
-            batches[-1].append(item)
-            sizes[-1] += item.nbytes
-        else:
-            batches.append([item])
-            sizes.append(item.nbytes)
-
-    inflight: collections.deque = collections.deque()
-    inflight_bytes = 0
-    with concurrent.futures.ThreadPoolExecutor(options.num_threads, "gpusaver-read") as pool:
-        nxt = 0
-        while nxt < len(batches) or inflight:
-            while nxt < len(batches) and len(inflight) < 2 * options.num_threads:
-                batch, size = batches[nxt], sizes[nxt]
-                if inflight and inflight_bytes + size > options.buffer_budget:
-                    break
-                inflight.append((batch, size, pool.submit(fetch, batch)))
-                inflight_bytes += size
-                nxt += 1
-            batch, size, fut = inflight.popleft()
-            inflight_bytes -= size
-            try:
-                values = fut.result()
-            except BaseException:
-                for _, _, f in inflight:
-                    f.cancel()
-                raise
-            for item, value in zip(batch, values):
-                yield item.name, value
-
-
-def _file_place(item: LoadItem) -> tuple[int, int]:
-    return item.entry.shard_id, item.entry.offset
