@@ -83,6 +83,8 @@ def main():
             if load:
                 other = subprocess.Popen([sys.executable, "-c", _LOAD, load, "30"])
                 time.sleep(0.8)  # started and busy
+                if other.poll() is not None:
+                    raise RuntimeError(f"the {load} load exited at once (status {other.returncode})")
             try:
                 wall, cpu = time.perf_counter(), time.thread_time()
                 call()

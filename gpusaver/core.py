@@ -89,8 +89,9 @@ def save(file_prefix: str, arrays: Mapping[str, Any], options: Options | None = 
 
 
 def load_iter(reader: BundleReader, requests: Iterable[tuple[str, Device]], stager: Stager):
-    """Yield ``(name, array)`` for (name, device) requests, in file order; see :func:`gpusaver.staging.load_pipeline.load_iter`.
-    Host arrays of up to 4 MiB share 32 MiB slabs (see :class:`HostSlabs`)."""
+    """Yield ``(name, array)`` for (name, device) requests, in file order; see
+    :func:`gpusaver.staging.load_pipeline.load_iter`. Host arrays of up to 4 MiB share 32 MiB slabs
+    (see :class:`HostSlabs`)."""
     slabs = HostSlabs()
     return load_pipeline.load_iter(reader, requests, stager.options, lambda batch: stager.fetch(reader, batch, slabs))
 
