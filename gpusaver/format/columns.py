@@ -145,17 +145,22 @@ class IndexColumns:
         layout = {}
         table = build_table([b""] + [keys[i] for i in order], Ragged(values.data[rows], values.lengths[rows]),
                             block_size, layout)
-        if "ends" in layout and not self._sliced and 0 not in self._crcs:
+        if "ends" in layout and self._refillable():
             crc_at = np.empty(len(keys), np.int64)  # entry i's CRC field ends its record: its 4 bytes
             crc_at[np.asarray(order, np.int64)] = layout["ends"][1:] - 4
             self.layout = _Layout(table, crc_at, layout["blocks"])
         return table
 
+    def _refillable(self) -> bool:
+        """Whether a table of these entries can be refilled with new CRCs: no partitioned entries
+        (encoded one by one) and no zero CRC (a proto3 default, left out of the entry's bytes)."""
+        return not self._sliced and 0 not in self._crcs
+
     def same_but_crcs(self, other: "IndexColumns") -> bool:
-        """Whether ``other`` holds the same entries, but for their CRCs (none of them zero)."""
+        """Whether ``other`` holds the same entries, but for their CRCs, and is refillable."""
         return (self._names == other._names and self._offsets == other._offsets and self._sizes == other._sizes
                 and self._shards == other._shards and self._dtypes == other._dtypes
-                and self._shapes == other._shapes and not other._sliced and 0 not in other._crcs)
+                and self._shapes == other._shapes and other._refillable())
 
     def _values(self, header: bytes) -> Ragged:
         """Row 0 the header, row i + 1 entry i's encoding (:meth:`Entry.encode`)."""
