@@ -48,8 +48,6 @@ def _corrupt_a_variable(prefix):
     flip_byte(prefix, lambda reader, keys: next(k for k in keys if len(reader.entry(k).shape) == 2))
 
 
-
-
 def test_tf_restores_gpusaver_checkpoint_with_object_matching(tmp_path):
     model, opt = _model()
     ckpt = gpusaver.Checkpoint(model=model, opt=opt)
